@@ -1,0 +1,11 @@
+"""fxfuse: a torch.compile backend that rewrites QLoRA Llama training graphs into exact Triton kernels.
+
+    model = torch.compile(model, backend="fxfuse")
+    print(fxfuse.explain(model, **batch))
+"""
+from .backend import fxfuse_backend, last_report
+from .matcher import Match, Pattern, PatternError
+from .report import Report, explain
+
+__version__ = "0.1.0"
+__all__ = ["fxfuse_backend", "explain", "Report", "Pattern", "Match", "PatternError", "last_report"]

@@ -1,0 +1,148 @@
+"""The `fxfuse` torch.compile backend: canonicalize, rewrite with patterns, hand the rest on.
+
+    torch.compile(model, backend="fxfuse", options={"inner": "eager", "disable": ["rms_norm"]})
+
+Options (all optional):
+  patterns  list of pattern names to use (default: all built-in patterns)
+  disable   list of pattern names not to use
+  extra_patterns  list of `fxfuse.Pattern` objects to try after the built-in ones
+  inner     how the rest of the graph runs: "eager" (default), "aot_eager" or "inductor"
+  inductor_config  dict of Inductor config patches, with inner="inductor"
+
+The default inner compiler is "eager": see README ("Why eager by default") for the measurement.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
+from .canonicalize import canonicalize, subgraphs
+from .matcher import Pattern, apply_match, find_matches
+from .report import MatchRecord, Report
+
+__all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
+
+log = logging.getLogger("fxfuse")
+
+INNER_COMPILERS = ("eager", "aot_eager", "inductor")
+_OPTION_KEYS = {"patterns", "disable", "extra_patterns", "inner", "inductor_config"}
+
+# The report of everything compiled since import (or since `last_report().graphs.clear()`).
+_LAST = Report()
+
+
+def last_report() -> Report:
+    """Report of every graph the backend has compiled in this process."""
+    return _LAST
+
+
+def _builtin():
+    from .patterns import BUILTIN_PATTERNS
+    return BUILTIN_PATTERNS
+
+
+def validate_options(options) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"fxfuse options must be a dict, got {type(options).__name__}")
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise ValueError(f"unknown fxfuse option(s) {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
+    names = {p.name for p in _builtin()}
+    extra = options.get("extra_patterns", ())
+    if not isinstance(extra, (list, tuple)) or not all(isinstance(p, Pattern) for p in extra):
+        raise TypeError("option 'extra_patterns' must be a list of fxfuse.Pattern")
+    names |= {p.name for p in extra}
+    for key in ("patterns", "disable"):
+        val = options.get(key)
+        if val is None:
+            continue
+        if isinstance(val, str) or not isinstance(val, (list, tuple, set)):
+            raise TypeError(f"option {key!r} must be a list of pattern names, got {val!r}")
+        bad = set(val) - names
+        if bad:
+            raise ValueError(f"option {key!r}: unknown pattern(s) {sorted(bad)}; known: {sorted(names)}")
+    inner = options.get("inner", "eager")
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
+    if "inductor_config" in options and not isinstance(options["inductor_config"], dict):
+        raise TypeError("option 'inductor_config' must be a dict")
+    return options
+
+
+def _selected_patterns(options) -> tuple[list[Pattern], list[str]]:
+    patterns = list(_builtin()) + list(options.get("extra_patterns", ()))
+    wanted = options.get("patterns")
+    disabled = set(options.get("disable", ()))
+    if wanted is not None:
+        disabled |= {p.name for p in patterns if p.name not in set(wanted)}
+    return [p for p in patterns if p.name not in disabled], sorted(disabled)
+
+
+def _count_nodes(gm: fx.GraphModule) -> int:
+    return sum(1 for _, sub in subgraphs(gm) for n in sub.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode=None) -> None:
+    """Canonicalize `gm` and apply every pattern, in every transparent subgraph, in place."""
+    canonicalize(gm)
+    graph_report.total_nodes = _count_nodes(gm)
+    for _, sub in subgraphs(gm):
+        changed = False
+        for pattern in patterns:
+            matches, declines = find_matches(pattern, sub, fake_mode)
+            graph_report.declines.extend(declines)
+            for m in matches:
+                apply_match(m)
+                graph_report.matches.append(MatchRecord(pattern.name, _where(m), m.root.name, len(m.nodes)))
+                changed = True
+        if changed:
+            sub.graph.lint()
+            sub.recompile()
+
+
+def _where(m) -> str:
+    from .matcher import module_path
+    return module_path(m.root)
+
+
+def _inner_compile(gm, example_inputs, options):
+    inner = options.get("inner", "eager")
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=options.get("inductor_config"))
+
+
+def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None,
+                   report: Report | None = None):
+    """torch.compile backend entry point (registered as "fxfuse")."""
+    options = validate_options(options)
+    if mode not in (None, "default"):
+        log.info("fxfuse ignores torch.compile mode=%r", mode)
+    patterns, disabled = _selected_patterns(options)
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    graph_report = (report or _LAST).new_graph()
+    graph_report.disabled = disabled
+    graph_report.inner = options.get("inner", "eager")
+    rewrite(gm, patterns, graph_report, fake_mode)
+    if report is not None:  # explain(): keep the process-wide record complete too
+        _LAST.graphs.append(graph_report)
+    log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
+    return _inner_compile(gm, example_inputs, options)
+
+
+def _register():
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "fxfuse" not in _BACKENDS:
+        register_backend(name="fxfuse")(fxfuse_backend)
+
+
+_register()

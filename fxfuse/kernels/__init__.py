@@ -1,0 +1,1 @@
+"""Triton kernels. They know nothing of graphs, autograd or patterns."""

@@ -1,0 +1,6 @@
+"""torch.library custom ops: the only bridge between graphs and kernels.
+
+Each op has a fake (meta) implementation and an autograd registration whose backward is again a
+custom op, so AOTAutograd and Inductor treat fxfuse kernels as opaque calls.
+"""
+from . import rms_norm  # noqa: F401  (registers fxfuse::rms_norm_*)

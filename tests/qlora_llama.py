@@ -1,0 +1,91 @@
+"""A tiny random-weight QLoRA Llama (bitsandbytes NF4 + PEFT LoRA), and its float64 twin.
+
+The twin has the same weights (the NF4 base dequantized, which is exact in float64) so the
+exactness criterion can be applied to whole-model gradients: fxfuse's error against the twin must
+be no larger than 1.25x the stock bf16 model's error against it.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+
+CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _random_lora(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            # Non-zero B too: with PEFT's zero init the A gradients would be zero and prove nothing.
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device) * 0.05)
+
+
+def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa", lora_dropout=0.0, device="cpu",
+          twin=True, rank=8, **overrides):
+    """Return (qlora_model, float64_twin or None), both PEFT-wrapped, in train mode, on `device`.
+
+    `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    import bitsandbytes.functional as bnbf
+
+    cfg = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers, **overrides})
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    with torch.device(device):  # random init on the GPU when there is one: minutes faster at 8B shapes
+        base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # random norm weights, not the all-ones init
+        for n, p in base.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    path = tempfile.mkdtemp(prefix="fxfuse-llama-")
+    base.save_pretrained(path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
+                                             attn_implementation=attn)
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=TARGETS)
+    model.config.use_cache = False
+    if twin:
+        # The float64 twin: the same weights, the NF4 ones as the 4-bit model actually sees them.
+        with torch.device(device):
+            twin = LlamaForCausalLM(copy.deepcopy(cfg)).to(torch.float64)
+        state = {k: v.to(torch.float64) for k, v in base.state_dict().items()}
+        for name, mod in model.named_modules():
+            if type(mod).__name__ == "Linear4bit":
+                w = mod.weight
+                state[name + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float64)
+        twin.load_state_dict(state)
+        twin.config.use_cache = False
+        twin = get_peft_model(twin, copy.deepcopy(lcfg))
+        _random_lora(twin, seed + 1)
+        twin.to(torch.float64)
+        twin.train()
+    else:
+        twin = None
+    del base
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lcfg)
+    _random_lora(model, seed + 1)
+    model.train()
+    return model, twin
+
+
+def batch(vocab=CONFIG["vocab_size"], b=2, t=24, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def lora_grads(model, inputs) -> dict:
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
