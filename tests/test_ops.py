@@ -15,7 +15,7 @@ def test_rms_norm_ops_opcheck(shape):
     dy = torch.randn_like(y)
     for need_dw in (True, False):
         torch.library.opcheck(torch.ops.fxfuse.rms_norm_backward.default,
-                              (dy, x.detach(), w.detach(), rstd, need_dw))
+                              (dy, x.detach(), w.detach(), rstd.detach(), need_dw))
 
 
 def test_rms_norm_op_autograd_respects_requires_grad():

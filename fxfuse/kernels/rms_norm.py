@@ -15,9 +15,9 @@ reading each row once: a row of x lives in registers from load to store.
 
 The backward keeps no fp32 copy of x: it recomputes xhat = x * rstd from x and the saved rstd
 (the same fp32 multiply as the forward's, hence the same bits), and does all its math in fp32
-with one rounding per output. dw is reduced without atomics, so it is deterministic: each
-program accumulates its rows into one row of a small [num_programs, N] buffer, and a second
-kernel sums that buffer's columns.
+with one rounding per output. dw is reduced without atomics, so it is deterministic: a fixed
+number of persistent programs (one per SM on the GPU) each accumulate their rows into one row of
+a small [num_programs, N] buffer, and a second kernel sums that buffer's columns.
 
 The bar is `fxfuse.testing.assert_exact`: error against a float64 evaluation no larger than 1.25x
 the stock path's. Two choices follow from it (both measured, see tests/test_rms_norm_kernel.py):
@@ -42,11 +42,11 @@ import triton.language as tl
 __all__ = ["MAX_HIDDEN", "rms_norm_forward", "rms_norm_backward"]
 
 # The kernels hold a whole row in registers, so N is bounded by what one program can keep live.
-# At N = 65536 the padded row is 64 Ki fp32 values; with 16 warps (512 threads) that is 128 values
-# per thread per live row-sized tensor, and the backward keeps about three (x, dy, the dw
-# accumulator) -- already past the 255-register limit, so the compiler spills to local memory
-# (cached in L1/L2, slower but correct). Past that a one-pass design stops paying and a chunked
-# two-pass kernel would be needed. Every current LLM hidden size (<= ~18432) is far below this.
+# At N = 65536 a row is 64 Ki fp32 values; with 16 warps (512 threads) that is 128 registers per
+# thread per live row-sized tensor, and the backward keeps about three (x, dy, the dw accumulator):
+# far past the 255-register limit, so the compiler spills to local memory (slower, still correct:
+# checked exact on an H200 for all three dtypes at N = 65536). Beyond that a one-pass design stops
+# paying and a chunked two-pass kernel is the right tool. LLM hidden sizes (<= ~18432) fit easily.
 MAX_HIDDEN = 65536
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,10 +55,21 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # data (and launches stay few); the tile is capped at this many elements.
 _TILE_ELEMS = 4096
 
-# Backward programs per SM on the GPU. Fewer programs mean a smaller dw partial buffer (written
-# and read back once: num_programs * N * 8 bytes of traffic); more programs hide memory latency
-# better. The backward loop is serial per program, so we want several resident per SM.
-_BWD_PROGRAMS_PER_SM = 4
+# Backward launch shape on the GPU, from a sweep on an H200 (benchmarks/rms_norm.py --sweep; bf16,
+# M x N of 4096x4096, 8192x4096, 4096x8192). Persistent programs, one per SM, each walking its rows
+# with the loads of the next row blocks issued ahead (STAGES=3 software pipelining, through
+# shared memory) beat more programs without pipelining by ~30%: 36/60/61 us against 48/78/90 us
+# for 4 programs/SM and no pipelining. One program per SM also keeps the dw partial buffer small.
+_BWD_PROGRAMS_PER_SM = 1
+_BWD_STAGES = 3
+# The backward tile (rows per loop iteration x BLOCK_N): 2 rows of 4096 per iteration beat 1.
+_BWD_TILE_ELEMS = 8192
+# Pipelining keeps STAGES copies of the x and dy tiles in shared memory; past this budget (the
+# H100/H200 have 228 KB per SM) it is turned off rather than failing to compile for large N.
+_BWD_SMEM_BUDGET = 160 * 1024
+# num_warps overrides for tuning sweeps (None: chosen from the tile size).
+_BWD_WARPS = None
+_FWD_WARPS = None
 # Backward programs when interpreted (CPU): the interpreter runs programs one after another, so
 # their count only sets the partial buffer's height; a few keep the row-striding path exercised.
 _BWD_PROGRAMS_INTERPRETED = 3
@@ -146,7 +157,7 @@ def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
     M, N, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DW: tl.constexpr,
-    ACC: tl.constexpr, RECOMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    ACC: tl.constexpr, RECOMPUTE: tl.constexpr, SOFT_BF16: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -160,7 +171,7 @@ def _rms_norm_bwd_kernel(
     # Persistent programs: a fixed, small number of programs walk the row blocks with a stride,
     # so the dw partial buffer has only num_programs rows whatever M is.
     num_row_blocks = tl.cdiv(M, BLOCK_M)
-    for block in range(pid, num_row_blocks, num_programs):
+    for block in tl.range(pid, num_row_blocks, num_programs, num_stages=STAGES):
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
@@ -179,6 +190,12 @@ def _rms_norm_bwd_kernel(
         # Same multiply as in the forward, hence the same bits as the forward's xhat.
         xhat = x * rstd[:, None]
         g = dy * w[None, :]
+        if not RECOMPUTE:
+            # The stock backward rounds dy * w to x.dtype (it is the gradient of the bf16 product
+            # `weight * h.to(x.dtype)`) before going on in fp32. Doing the same keeps dx bit-equal to
+            # the stock dx almost everywhere, so whole-model gradients track eager's rounding for
+            # rounding instead of drifting by an equally accurate but different one.
+            g = _round_to(g, DX.dtype.element_ty, SOFT_BF16).to(ACC)
         # d/dx of w * x * rstd(x): rstd * (g - xhat * mean(g * xhat)); eps is inside rstd.
         c = _div_rn(tl.sum(g * xhat, axis=1), N * 1.0, ACC)
         dx = rstd[:, None] * (g - xhat * c[:, None])
@@ -239,9 +256,20 @@ def _num_warps(tile_elems: int) -> int:
     return 16
 
 
-def _blocks(n: int) -> tuple[int, int]:
-    block_n = triton.next_power_of_2(n)
-    block_m = max(1, _TILE_ELEMS // block_n)
+# Plain Python on the launch path: triton.cdiv and triton.next_power_of_2 go through Triton's
+# JIT-function call machinery, a few microseconds each on every launch.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bwd_stages(block_m: int, block_n: int, elem_size: int) -> int:
+    smem = _BWD_STAGES * block_m * block_n * 2 * elem_size  # x and dy tiles
+    return _BWD_STAGES if smem <= _BWD_SMEM_BUDGET else 1
+
+
+def _blocks(n: int, tile_elems: int | None = None) -> tuple[int, int]:
+    block_n = 1 << (n - 1).bit_length()
+    block_m = max(1, (tile_elems or _TILE_ELEMS) // block_n)
     return block_m, block_n
 
 
@@ -321,13 +349,13 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         return out, rstd_out
 
     block_m, block_n = _blocks(n)
-    grid = (triton.cdiv(m, block_m),)
+    grid = (_cdiv(m, block_m),)
     _rms_norm_fwd_kernel[grid](
         x, weight, out, rstd_out,
         m, n, float(eps),
         BLOCK_M=block_m, BLOCK_N=block_n,
         ACC=_acc(x.dtype)[0], WIDE=x.dtype == torch.float32, SOFT_BF16=_interpreted(),
-        num_warps=_num_warps(block_m * block_n),
+        num_warps=_FWD_WARPS or _num_warps(block_m * block_n),
     )
     return out, rstd_out
 
@@ -358,8 +386,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         dw = torch.zeros(n, dtype=weight.dtype, device=x.device) if need_weight_grad else None
         return dx_out, dw
 
-    block_m, block_n = _blocks(n)
-    programs = _num_backward_programs(x.device, triton.cdiv(m, block_m))
+    block_m, block_n = _blocks(n, _BWD_TILE_ELEMS)
+    programs = _num_backward_programs(x.device, _cdiv(m, block_m))
     acc_tl, acc_torch = _acc(x.dtype)
     soft = _interpreted()
     recompute = x.dtype == torch.float32 and eps is not None
@@ -371,13 +399,14 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         m, n, float(eps) if recompute else 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, NEED_DW=bool(need_weight_grad),
         ACC=acc_tl, RECOMPUTE=recompute, SOFT_BF16=soft,
-        num_warps=_num_warps(block_m * block_n),
+        STAGES=_bwd_stages(block_m, block_n, x.element_size()),
+        num_warps=_BWD_WARPS or _num_warps(block_m * block_n),
     )
     if not need_weight_grad:
         return dx_out, None
 
     dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-    _sum_partials_kernel[(triton.cdiv(n, _DW_BLOCK_C),)](
+    _sum_partials_kernel[(_cdiv(n, _DW_BLOCK_C),)](
         partial, dw, programs, n,
         BLOCK_R=_DW_BLOCK_R, BLOCK_C=_DW_BLOCK_C, ACC=acc_tl, SOFT_BF16=soft,
         num_warps=4,
