@@ -31,10 +31,25 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
 
 
+DEVICE = os.environ.get("FXFUSE_BENCH_DEVICE", "cuda")  # "cpu" (tiny shapes) only to try the script out
+SHAPES = LLAMA3_8B if DEVICE == "cuda" else {}
+
+
 def _build(layers, checkpointing, twin):
     from qlora_llama import build
-    return build(layers=layers, checkpointing=checkpointing, double_quant=True, device="cuda", twin=twin,
-                 rank=16, **LLAMA3_8B)
+    return build(layers=layers, checkpointing=checkpointing, double_quant=True, device=DEVICE, twin=twin,
+                 rank=16, **SHAPES)
+
+
+def _vocab():
+    from qlora_llama import CONFIG
+    return SHAPES.get("vocab_size", CONFIG["vocab_size"])
+
+
+def _sync():
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def part_grad(args) -> dict:
@@ -43,10 +58,9 @@ def part_grad(args) -> dict:
     from fxfuse.testing import assert_exact, error_of
     from qlora_llama import batch, lora_grads
     model, twin = _build(args.layers, True, True)
-    inputs = batch(vocab=LLAMA3_8B["vocab_size"], b=args.batch, t=args.seq, seed=1, device="cuda")
+    inputs = batch(vocab=_vocab(), b=args.batch, t=args.grad_seq, seed=1, device=DEVICE)
     ref = lora_grads(twin, inputs)
     del twin
-    torch.cuda.empty_cache()
     stock = lora_grads(model, inputs)
     fxfuse.last_report().graphs.clear()
     ours = lora_grads(torch.compile(model, backend="fxfuse"), inputs)
@@ -59,7 +73,7 @@ def part_grad(args) -> dict:
         except AssertionError as exc:
             failures.append(str(exc))
     ratios = [r["ratio"] for r in rows]
-    return {"part": "grad", "layers": args.layers, "batch": args.batch, "seq": args.seq,
+    return {"part": "grad", "layers": args.layers, "batch": args.batch, "seq": args.grad_seq,
             "params_checked": len(rows), "failures": failures, "worst_ratio": max(ratios),
             "median_ratio": statistics.median(ratios), "rms_norm_fired": fxfuse.last_report().counts().get("rms_norm", 0),
             "report": str(fxfuse.last_report())}
@@ -72,12 +86,13 @@ def part_step(args, variant) -> dict:
     model, _ = _build(args.layers, True, False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    inputs = batch(vocab=LLAMA3_8B["vocab_size"], b=args.batch, t=args.seq, seed=1, device="cuda")
+    inputs = batch(vocab=_vocab(), b=args.batch, t=args.seq, seed=1, device=DEVICE)
     run = model
     if variant != "stock":
         run = torch.compile(model, backend="fxfuse", options={"inner": variant.split("-", 1)[1]})
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -85,18 +100,19 @@ def part_step(args, variant) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     return {"part": f"step:{variant}", "layers": args.layers, "batch": args.batch, "seq": args.seq,
             "first_step_s": times[0], "median_step_ms": 1e3 * statistics.median(times[args.warmup:]),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "losses": losses,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else float("nan"), "losses": losses,
             "fired": fxfuse.last_report().counts() if variant != "stock" else {}}
 
 
 def _child(part, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--layers", str(args.layers),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--grad-seq", str(args.grad_seq)]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(p.stderr[-3000:])
@@ -114,11 +130,10 @@ def _gpu_name() -> str:
 
 
 def write_results(results: list, path: str) -> None:
-    import torch
-    import triton
     date = datetime.date.today().isoformat()
-    lines = [f"\n## Foundation: backend + RMSNorm ({date}, {_gpu_name()}, torch {torch.__version__}, "
-             f"triton {triton.__version__})\n"]
+    env = next((r["env"] for r in results if r.get("env")), "")
+    lines = [f"\n## Foundation: backend + RMSNorm ({date}, {env})\n",
+             "Command: `python benchmarks/foundation.py` (JSON in benchmarks/results/).\n"]
     for r in results:
         if r.get("error"):
             lines.append(f"- `{r['part']}` failed: `{r['error'][-300:]!r}`")
@@ -174,12 +189,22 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--grad-seq", type=int, default=1024)
+    ap.add_argument("--report", nargs="*", default=None,
+                    help="only write RESULTS.md from these JSON files (runs split over several calls)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "foundation.json"))
     ap.add_argument("--results-md", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--tmp", default="/tmp")
     args = ap.parse_args()
+    if args.report is not None:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results += json.load(f)["results"]
+        write_results(results, args.results_md)
+        return
     if args.part:
         if args.part == "grad":
             res = part_grad(args)
@@ -190,6 +215,11 @@ def main():
             res = part_rms_norm(args)
         else:
             raise SystemExit(f"unknown part {args.part}")
+        import torch
+        import triton
+        import transformers
+        res["env"] = (f"{_gpu_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+                      f"transformers {transformers.__version__}")
         print("RESULT " + json.dumps(res))
         return
     results = []
@@ -197,9 +227,10 @@ def main():
         r = _child(part, args) if part != "rms_norm" else part_rms_norm(args)
         print(json.dumps({k: v for k, v in r.items() if k not in ("report", "data")})[:1500], flush=True)
         results.append(r)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "gpu": _gpu_name(), "results": results}, f, indent=1)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:  # after every part: a run cut short still leaves its results
+            json.dump({"date": datetime.date.today().isoformat(), "gpu": _gpu_name(), "results": results}, f,
+                      indent=1)
     write_results(results, args.results_md)
 
 

@@ -14,8 +14,10 @@ reading each row once: a row of x lives in registers from load to store.
     rms_norm_backward(dy, x, weight, rstd)  -> (dx, dw)
 
 The backward keeps no fp32 copy of x: it recomputes xhat = x * rstd from x and the saved rstd
-(the same fp32 multiply as the forward's, hence the same bits), and does all its math in fp32
-with one rounding per output. dw is reduced without atomics, so it is deterministic: a fixed
+(the same fp32 multiply as the forward's, hence the same bits), and does its math in fp32. Like
+the stock backward, it rounds g = dy * weight to x.dtype first (the gradient of the low-precision
+product `weight * h.to(x.dtype)`), so its dx equals the stock dx almost everywhere; dx is then
+rounded once. dw is reduced without atomics, so it is deterministic: a fixed
 number of persistent programs (one per SM on the GPU) each accumulate their rows into one row of
 a small [num_programs, N] buffer, and a second kernel sums that buffer's columns.
 
@@ -367,8 +369,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     """Gradients of rms_norm_forward: (dx [M, N] in x.dtype, dw [N] in weight.dtype, or None).
 
     dy, x: contiguous [M, N] of x.dtype; rstd: the forward's float32 [M]. With xhat = x * rstd and
-    g = dy * weight: dx = rstd * (g - xhat * mean(g * xhat)), dw = sum over rows of dy * xhat,
-    all in fp32 (fp64 for fp32 inputs), each output rounded once. `dx_out` is written if given.
+    g = dy * weight (rounded to x.dtype, as the stock backward does): dx = rstd * (g - xhat *
+    mean(g * xhat)), dw = sum over rows of dy * xhat, in fp32 (fp64 for fp32 inputs), each output
+    rounded once. `dx_out` is written if given.
     `eps` is used only for fp32 inputs: given, rstd is recomputed in fp64 from x instead of read
     from the fp32 `rstd` (whose rounding alone would cost fp32 gradients about half an ulp).
     """
