@@ -73,7 +73,8 @@ def part_grad(args) -> dict:
         except AssertionError as exc:
             failures.append(str(exc))
     ratios = [r["ratio"] for r in rows]
-    return {"part": "grad", "layers": args.layers, "batch": args.batch, "seq": args.grad_seq,
+    from fxfuse.backend import DEFAULT_INNER
+    return {"part": "grad", "inner": DEFAULT_INNER, "layers": args.layers, "batch": args.batch, "seq": args.grad_seq,
             "params_checked": len(rows), "failures": failures, "worst_ratio": max(ratios),
             "median_ratio": statistics.median(ratios), "rms_norm_fired": fxfuse.last_report().counts().get("rms_norm", 0),
             "report": str(fxfuse.last_report())}
@@ -137,9 +138,9 @@ def write_results(results: list, path: str) -> None:
     for r in results:
         if r.get("error"):
             lines.append(f"- `{r['part']}` failed: `{r['error'][-300:]!r}`")
-    grad = next((r for r in results if r["part"] == "grad" and "error" not in r), None)
-    if grad:
-        lines.append(f"Whole-model gradient check, {grad['layers']}-layer Llama-3-8B-shaped QLoRA (NF4 double "
+    for grad in [r for r in results if r["part"] == "grad" and "error" not in r]:
+        lines.append(f"Inner compiler `{grad.get('inner', 'default')}`. "
+                     f"Whole-model gradient check, {grad['layers']}-layer Llama-3-8B-shaped QLoRA (NF4 double "
                      f"quant, LoRA r=16 on all linears, checkpointing), batch {grad['batch']} x {grad['seq']}: "
                      f"{grad['params_checked']} LoRA gradients, RMS error ratio to the stock bf16 path "
                      f"median {grad['median_ratio']:.3f}, worst {grad['worst_ratio']:.3f} (bound 1.25): "

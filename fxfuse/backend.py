@@ -6,10 +6,13 @@ Options (all optional):
   patterns  list of pattern names to use (default: all built-in patterns)
   disable   list of pattern names not to use
   extra_patterns  list of `fxfuse.Pattern` objects to try after the built-in ones
-  inner     how the rest of the graph runs: "eager" (default), "aot_eager" or "inductor"
+  inner     how the rest of the graph runs: "inductor" (default), "aot_eager" or "eager"
   inductor_config  dict of Inductor config patches, with inner="inductor"
+              (fxfuse sets emulate_precision_casts=True unless you say otherwise: Inductor then rounds
+              at every cast the model wrote, as eager does)
 
-The default inner compiler is "eager": see README ("Why eager by default") for the measurement.
+The default inner compiler is Inductor: measured faster and leaner than eager on the QLoRA step
+(benchmarks/RESULTS.md, "Foundation").
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS
 log = logging.getLogger("fxfuse")
 
 INNER_COMPILERS = ("eager", "aot_eager", "inductor")
+DEFAULT_INNER = "inductor"
+# Eager's rounding at every explicit cast (`.to(bfloat16)`), kept under Inductor's fusion.
+_INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
 _OPTION_KEYS = {"patterns", "disable", "extra_patterns", "inner", "inductor_config"}
 
 # The report of everything compiled since import (or since `last_report().graphs.clear()`).
@@ -66,7 +72,7 @@ def validate_options(options) -> dict:
         bad = set(val) - names
         if bad:
             raise ValueError(f"option {key!r}: unknown pattern(s) {sorted(bad)}; known: {sorted(names)}")
-    inner = options.get("inner", "eager")
+    inner = options.get("inner", DEFAULT_INNER)
     if inner not in INNER_COMPILERS:
         raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
     if "inductor_config" in options and not isinstance(options["inductor_config"], dict):
@@ -111,14 +117,14 @@ def _where(m) -> str:
 
 
 def _inner_compile(gm, example_inputs, options):
-    inner = options.get("inner", "eager")
+    inner = options.get("inner", DEFAULT_INNER)
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=options.get("inductor_config"))
+    return compile_fx(gm, example_inputs, config_patches={**_INDUCTOR_DEFAULTS, **options.get("inductor_config", {})})
 
 
 def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None,
@@ -131,12 +137,21 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     graph_report = (report or _LAST).new_graph()
     graph_report.disabled = disabled
-    graph_report.inner = options.get("inner", "eager")
+    graph_report.inner = options.get("inner", DEFAULT_INNER)
     rewrite(gm, patterns, graph_report, fake_mode)
     if report is not None:  # explain(): keep the process-wide record complete too
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
-    return _inner_compile(gm, example_inputs, options)
+    try:
+        return _inner_compile(gm, example_inputs, options)
+    except BaseException:
+        # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd
+        # specialised a symbolic float such as eps under dynamic=True). Dynamo retraces and calls us
+        # again, so this graph must not be counted.
+        for rep in (report, _LAST):
+            if rep is not None and graph_report in rep.graphs:
+                rep.graphs.remove(graph_report)
+        raise
 
 
 def _register():
