@@ -83,6 +83,37 @@ def bench_graph_ms(fn) -> float | None:
         return None
 
 
+def copy_bandwidth_GBps(nbytes: int = 2 ** 30) -> float:
+    """Achievable HBM bandwidth, measured: a device-to-device copy of `nbytes` (far beyond L2),
+    replayed as a CUDA graph; counts the bytes read plus the bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench_graph_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def bandwidth_table() -> tuple[str, dict]:
+    """fxfuse fwd+bwd device time (CUDA graph) at SHAPES against the measured copy bandwidth."""
+    copy = copy_bandwidth_GBps()
+    rows, data = [], {"copy_GBps": copy, "shapes": []}
+    for m, n in SHAPES:
+        x, w, dy = make_inputs(m, n, DTYPE, seed=m * 100003 + n)
+
+        def fx_fwd_bwd():
+            _, rstd = rms_norm_forward(x, w, EPS)
+            rms_norm_backward(dy, x, w, rstd)
+
+        ms = bench_graph_ms(fx_fwd_bwd)
+        nb = fxfuse_bytes(m, n, DTYPE)
+        gbps = (nb["forward"] + nb["backward"]) / (ms * 1e-3) / 1e9
+        data["shapes"].append({"shape": [m, n], "fwd_bwd_ms": ms, "GBps": gbps})
+        rows.append(f"| {m} x {n} | {ms * 1e3:.1f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |")
+    table = (f"Measured copy bandwidth (1 GiB device-to-device copy, CUDA graph): {copy:.0f} GB/s.\n\n"
+             "| M x N (bf16) | fxfuse fwd+bwd us (CUDA graph) | GB/s | of measured copy |\n|---|---|---|---|\n"
+             + "\n".join(rows) + "\n")
+    return table, data
+
+
 def make_inputs(m, n, dtype, seed, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, n, generator=g, device=device).to(dtype)
@@ -232,9 +263,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "rms_norm.json"))
     ap.add_argument("--sweep", action="store_true", help="also sweep the kernels' tuning knobs")
+    ap.add_argument("--bandwidth-only", action="store_true",
+                    help="only the fxfuse bandwidth against the measured copy bandwidth (about 20 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/rms_norm.py needs a CUDA GPU")
+    if args.bandwidth_only:
+        table, data = bandwidth_table()
+        print(table)
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": data}, f, indent=2)
+        return
 
     device = torch.cuda.get_device_name()
     print(f"# RMSNorm, {device}, torch {torch.__version__}, triton {triton.__version__}\n")
@@ -295,8 +334,10 @@ def main():
         print(f"| {r['shape'][0]} x {r['shape'][1]} | {us(t['eager_fwd_bwd_cudagraph'])} "
               f"| {us(t['compiled_fwd_bwd_cudagraph'])} | {us(t['fxfuse_fwd_bwd_cudagraph'])} | {gb} | {pct} |")
     print()
+    table, bandwidth = bandwidth_table()
+    print(table)
 
-    out = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+    out = {"device": device, "bandwidth": bandwidth, "torch": torch.__version__, "triton": triton.__version__,
            "peak_bytes_per_s": PEAK_BYTES_PER_S, "exactness_4096x4096_bf16": main_check,
            "further_checks": checks[1:], "results": results, "warmup_round": warmup_round,
            "sweep": sweeps}
