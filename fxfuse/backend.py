@@ -3,7 +3,8 @@
     torch.compile(model, backend="fxfuse", options={"inner": "eager", "disable": ["rms_norm"]})
 
 Options (all optional):
-  patterns  list of pattern names to use (default: all built-in patterns)
+  patterns  list of pattern names to use (default: the built-in patterns enabled by default)
+  enable    list of pattern names to use in addition to the default ones
   disable   list of pattern names not to use
   extra_patterns  list of `fxfuse.Pattern` objects to try after the built-in ones
   inner     how the rest of the graph runs: "inductor" (default), "aot_eager" or "eager"
@@ -34,7 +35,7 @@ INNER_COMPILERS = ("eager", "aot_eager", "inductor")
 DEFAULT_INNER = "inductor"
 # Eager's rounding at every explicit cast (`.to(bfloat16)`), kept under Inductor's fusion.
 _INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
-_OPTION_KEYS = {"patterns", "disable", "extra_patterns", "inner", "inductor_config"}
+_OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config"}
 
 # The report of everything compiled since import (or since `last_report().graphs.clear()`).
 _LAST = Report()
@@ -63,7 +64,7 @@ def validate_options(options) -> dict:
     if not isinstance(extra, (list, tuple)) or not all(isinstance(p, Pattern) for p in extra):
         raise TypeError("option 'extra_patterns' must be a list of fxfuse.Pattern")
     names |= {p.name for p in extra}
-    for key in ("patterns", "disable"):
+    for key in ("patterns", "enable", "disable"):
         val = options.get(key)
         if val is None:
             continue
@@ -83,10 +84,12 @@ def validate_options(options) -> dict:
 def _selected_patterns(options) -> tuple[list[Pattern], list[str]]:
     patterns = list(_builtin()) + list(options.get("extra_patterns", ()))
     wanted = options.get("patterns")
-    disabled = set(options.get("disable", ()))
-    if wanted is not None:
-        disabled |= {p.name for p in patterns if p.name not in set(wanted)}
-    return [p for p in patterns if p.name not in disabled], sorted(disabled)
+    off_by_default = set()
+    if wanted is None:
+        off_by_default = {p.name for p in patterns if not p.enabled_by_default} - set(options.get("enable", ()))
+        wanted = {p.name for p in patterns} - off_by_default
+    disabled = set(options.get("disable", ())) | {p.name for p in patterns if p.name not in set(wanted)}
+    return [p for p in patterns if p.name not in disabled], sorted(disabled - off_by_default), sorted(off_by_default)
 
 
 def _count_nodes(gm: fx.GraphModule) -> int:
@@ -107,6 +110,9 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
                 graph_report.matches.append(MatchRecord(pattern.name, _where(m), m.root.name, len(m.nodes)))
                 changed = True
         if changed:
+            # A replaced region can leave its producers without users (e.g. the bitsandbytes
+            # autograd_function_apply whose output 0 a pattern consumed): they must not run.
+            sub.graph.eliminate_dead_code()
             sub.graph.lint()
             sub.recompile()
 
@@ -133,10 +139,11 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     options = validate_options(options)
     if mode not in (None, "default"):
         log.info("fxfuse ignores torch.compile mode=%r", mode)
-    patterns, disabled = _selected_patterns(options)
+    patterns, disabled, off_by_default = _selected_patterns(options)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     graph_report = (report or _LAST).new_graph()
     graph_report.disabled = disabled
+    graph_report.off_by_default = off_by_default
     graph_report.inner = options.get("inner", DEFAULT_INNER)
     rewrite(gm, patterns, graph_report, fake_mode)
     if report is not None:  # explain(): keep the process-wide record complete too

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Canon", "canon", "canonicalize", "subgraphs", "example_value", "linear_4bit_info"]
+__all__ = ["Canon", "canon", "canonicalize", "subgraphs", "example_value", "linear_4bit_info", "Linear4bitSpec"]
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,16 @@ def op_key(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     t = node.target
+    if t is operator.getitem and _is_linear_4bit_output(node):
+        return "linear_4bit"
     if t in _OPERATOR_KEYS:
         return _OPERATOR_KEYS[t]
     if isinstance(t, torch._ops.HigherOrderOperator):
-        if t.name() == "autograd_function_apply" and linear_4bit_info(node) is not None:
-            return "linear_4bit"
         return "hop." + t.name()
     if isinstance(t, torch._ops.OpOverload):
+        if t.namespace == "bitsandbytes" and t._opname == "gemm_4bit" or \
+                t.namespace == "fxfuse" and t._opname == "linear_4bit":
+            return "linear_4bit"
         return f"{t.namespace}.{t._opname}"
     if isinstance(t, torch._ops.OpOverloadPacket):
         return f"{t._qualified_op_name.replace('::', '.')}"
@@ -103,8 +106,6 @@ def op_key(node: fx.Node) -> str | None:
     name = getattr(t, "__name__", None)
     if name is None:
         return None
-    if name == "gemm_4bit":  # bitsandbytes.functional wrapper, should Dynamo ever keep it
-        return "linear_4bit"
     return _METHOD_ALIASES.get(name, name)
 
 
@@ -149,8 +150,10 @@ def canon(node: fx.Node) -> Canon | None:
         args = _to_args(node)
         return Canon("to", args) if args is not None else Canon("to.other", tuple(node.args))
     if key == "linear_4bit":
+        if isinstance(node.target, torch._ops.OpOverload):  # fxfuse::linear_4bit, in pattern references
+            return Canon(key, tuple(node.args[:2]))
         info = linear_4bit_info(node)
-        return Canon(key, (info["x"], info["weight"])) if info else None
+        return Canon(key, (info.x, info.weight)) if info else None
     sig = _BOUND.get(key)
     args, kwargs = tuple(node.args), dict(node.kwargs)
     if sig is None:
@@ -180,12 +183,39 @@ def is_commutative(key: str) -> bool:
     return key in _COMMUTATIVE
 
 
-def linear_4bit_info(node: fx.Node) -> dict | None:
-    """Recognise a bitsandbytes 4-bit linear: `gemm_4bit(x, B, ...)` or the `autograd_function_apply`
-    whose forward body calls it. Returns x, the packed weight node and the quant-state arguments."""
-    t = node.target
+@dataclass(frozen=True)
+class Linear4bitSpec:
+    """What a bitsandbytes 4-bit linear needs, as user-graph nodes and constants."""
+    x: Any  # input node
+    weight: Any  # packed uint8 weight node (the Params4bit placeholder)
+    shape: tuple  # (out_features, in_features)
+    blocksize: int
+    quant_type: str
+    absmax: Any  # fp32 absmax node; the uint8 absmax under double quantization
+    bias: Any = None
+    nested: tuple | None = None  # (state2_absmax node, state2_code node, offset node, blocksize2)
+
+
+_NESTED_BLOCKSIZE = 256  # bitsandbytes' gemm_4bit dequantizes a nested absmax with blocks of 256
+
+
+def _is_linear_4bit_output(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return (isinstance(src, fx.Node) and src.op == "call_function" and node.args[1] == 0
+            and isinstance(src.target, torch._ops.HigherOrderOperator)
+            and src.target.name() == "autograd_function_apply" and linear_4bit_info(node) is not None)
+
+
+def linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
+    """Recognise a bitsandbytes 4-bit linear: `gemm_4bit(x, B, ...)`, or output 0 of the
+    `autograd_function_apply` whose forward body calls it (bitsandbytes' MatMul4Bit when the input
+    needs grad): `autograd_function_apply(...)[0]` is the linear's value."""
     if node.op != "call_function":
         return None
+    if node.target is operator.getitem and node.args[1] == 0 and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    t = node.target
+    outer = {}
     if isinstance(t, torch._ops.HigherOrderOperator) and t.name() == "autograd_function_apply":
         owner = node.graph.owning_module
         fwd = node.args[0]
@@ -193,30 +223,54 @@ def linear_4bit_info(node: fx.Node) -> dict | None:
         if not isinstance(body, fx.GraphModule):
             return None
         gemms = [n for n in body.graph.nodes if n.op == "call_function" and _is_gemm_4bit(n.target)]
-        if len(gemms) != 1:
-            return None
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
         operands = node.args[2:]
-        if len(placeholders) != len(operands):
+        if len(gemms) != 1 or len(placeholders) != len(operands):
             return None
         outer = dict(zip(placeholders, operands))
-        g = gemms[0]
-        x_inner, b_inner = g.args[0], g.args[1]
-        # B inside the body is `placeholder.view(-1, 1)`; walk back to the placeholder.
-        while isinstance(b_inner, fx.Node) and b_inner.op != "placeholder":
-            b_inner = b_inner.args[0] if b_inner.args else None
-        if x_inner not in outer or b_inner not in outer:
-            return None
-        w = outer[b_inner]
-        while isinstance(w, fx.Node) and w.op == "call_method" and w.target == "view":
-            w = w.args[0]
-        return {"x": outer[x_inner], "weight": w, "gemm": g, "outer": outer}
-    if _is_gemm_4bit(t):
-        w = node.args[1]
-        while isinstance(w, fx.Node) and w.op == "call_method" and w.target == "view":
-            w = w.args[0]
-        return {"x": node.args[0], "weight": w, "gemm": node, "outer": {}}
-    return None
+        gemm = gemms[0]
+    elif _is_gemm_4bit(t):
+        gemm = node
+    else:
+        return None
+    try:
+        bound = inspect.signature(_gemm_4bit_signature).bind(*gemm.args, **gemm.kwargs)
+    except (AttributeError, TypeError):
+        return None
+    bound.apply_defaults()
+    g = bound.arguments
+
+    def out(v):
+        """The user-graph node for a value of the gemm call (through the body's placeholders and views)."""
+        while isinstance(v, fx.Node) and v.op == "call_method" and v.target == "view":
+            v = v.args[0]
+        if outer:
+            if isinstance(v, fx.Node) and v.op != "placeholder":
+                return _UNKNOWN
+            v = outer.get(v, v) if isinstance(v, fx.Node) else v
+        while isinstance(v, fx.Node) and v.op == "call_method" and v.target == "view":
+            v = v.args[0]
+        return v
+
+    vals = {k: out(v) for k, v in g.items()}
+    if any(v is _UNKNOWN for v in vals.values()) or not isinstance(g["shapeB"], (list, tuple)):
+        return None
+    nested = None
+    if vals["absmax_8bit"] is not None:
+        nested = (vals["absmax"], vals["absmax_code"], vals["absmax_offset"], _NESTED_BLOCKSIZE)
+        absmax = vals["absmax_8bit"]
+    else:
+        absmax = vals["absmax"]
+    return Linear4bitSpec(x=vals["A"], weight=vals["B"], shape=tuple(g["shapeB"]), blocksize=g["blocksize"],
+                          quant_type=g["quant_type"], absmax=absmax, bias=vals["bias"], nested=nested)
+
+
+_UNKNOWN = object()
+
+
+def _gemm_4bit_signature(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
+                         absmax_code=None, absmax_offset=None):
+    """bitsandbytes::gemm_4bit's schema, as a Python signature to bind graph arguments to."""
 
 
 def _is_gemm_4bit(t) -> bool:

@@ -42,6 +42,14 @@ class Match:
     root: fx.Node
     nodes: list  # user nodes the match covers (replaced), root included
     bindings: dict  # placeholder / scalar name -> user node or constant
+    node_map: dict = field(default_factory=dict)  # pattern node -> user node
+
+    def user_node(self, key: str) -> fx.Node:
+        """The user node matched to the (single) pattern node of canonical op `key`."""
+        found = [u for p, u in self.node_map.items() if p.meta["fxfuse_canon"].key == key]
+        if len(found) != 1:
+            raise KeyError(f"pattern {self.pattern.name!r} has {len(found)} `{key}` nodes")
+        return found[0]
 
     def value(self, name: str):
         """The fake value (FakeTensor or constant) bound to a pattern parameter."""
@@ -70,6 +78,10 @@ class Pattern:
     scalars:     names of non-tensor parameters; each is traced with a sentinel value so it can be
                  found in the graph and bound to the user's constant (e.g. `eps`).
     constraints: functions `(match) -> str | None`; a string is the reason to decline.
+    arguments:   optional `(match) -> tuple` building the replacement's arguments (user nodes and
+                 constants); by default the values bound to the reference's parameters, in order. A
+                 pattern whose replacement needs more than its reference sees (e.g. the quantization
+                 state of a 4-bit linear) builds them here; the replacement then has its own signature.
     """
     name: str
     reference: Callable
@@ -78,6 +90,8 @@ class Pattern:
     scalars: Sequence[str] = ()
     constraints: Sequence[Callable[[Match], str | None]] = ()
     description: str = ""
+    arguments: Callable[[Match], tuple] | None = None
+    enabled_by_default: bool = True
     _graph: fx.GraphModule | None = field(default=None, repr=False)
     _params: list = field(default_factory=list, repr=False)
 
@@ -90,7 +104,7 @@ class Pattern:
         import inspect
         self._params = list(inspect.signature(self.reference).parameters)
         rep_params = list(inspect.signature(self.replacement).parameters)
-        if len(rep_params) != len(self._params):  # arguments are passed positionally
+        if self.arguments is None and len(rep_params) != len(self._params):  # passed positionally
             raise PatternError(f"pattern {self.name!r}: replacement takes {len(rep_params)} parameters, "
                                f"the reference {len(self._params)}")
         unknown = set(self.scalars) - set(self._params)
@@ -201,10 +215,12 @@ class _Attempt:
         self.node_map: dict = {}  # pattern node -> user node
         self.matched = 0
         self.fail: str | None = None
+        self.skipped: list = []  # user nodes looked through (plain clones)
 
     def copy(self):
         a = _Attempt()
         a.bind, a.node_map, a.matched, a.fail = dict(self.bind), dict(self.node_map), self.matched, self.fail
+        a.skipped = list(self.skipped)
         return a
 
 
@@ -238,6 +254,11 @@ def _match_node(p: fx.Node, u: Any, st: _Attempt) -> bool:
         return False
     pc: Canon = p.meta["fxfuse_canon"]
     uc = canon(u)
+    if uc is not None and uc.key == "clone" and pc.key != "clone" and uc.args[1] is None:
+        # A plain clone is value-identical to its input (PEFT's "defensive" clone of the base
+        # output): look through it, and take it into the matched region.
+        st.skipped.append(u)
+        return _match_node(p, uc.args[0], st)
     if uc is None or uc.key != pc.key:
         st.fail = f"expected `{pc.key}` at {_describe(u)}"
         return False
@@ -346,7 +367,7 @@ def find_matches(pattern: Pattern, gm: fx.GraphModule, fake_mode=None) -> tuple[
             if st.matched >= threshold:
                 decline(f"not this pattern: {st.fail}")
             continue
-        nodes = list(dict.fromkeys(st.node_map.values()))
+        nodes = list(dict.fromkeys(list(st.node_map.values()) + st.skipped))
         inner = set(nodes)
         outside = [n for n in nodes if n is not u and any(user not in inner for user in n.users)]
         if outside:
@@ -355,7 +376,7 @@ def find_matches(pattern: Pattern, gm: fx.GraphModule, fake_mode=None) -> tuple[
         if inner & taken:
             decline("overlaps a region already rewritten")
             continue
-        m = Match(pattern, gm, u, nodes, dict(st.bind))
+        m = Match(pattern, gm, u, nodes, dict(st.bind), dict(st.node_map))
         reason = _check_constraints(m)
         if reason is None:
             reason = _check_replacement(m, fake_mode)
@@ -379,6 +400,8 @@ def _check_constraints(m: Match) -> str | None:
 
 
 def _call_args(m: Match) -> list:
+    if m.pattern.arguments is not None:
+        return list(m.pattern.arguments(m))
     return [m.bindings[p] for p in m.pattern._params]
 
 
@@ -387,7 +410,10 @@ def _check_replacement(m: Match, fake_mode) -> str | None:
     want = example_value(m.root)
     if not isinstance(want, torch.Tensor):
         return "the matched value has no recorded tensor metadata"
-    args = [example_value(a) if isinstance(a, fx.Node) else a for a in _call_args(m)]
+    try:
+        args = [example_value(a) if isinstance(a, fx.Node) else a for a in _call_args(m)]
+    except Exception as e:
+        return f"could not build the replacement's arguments: {type(e).__name__}: {e}"
     # The values carry their own fake mode (Dynamo's tracing mode); the backend's context has another.
     modes = [a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)]
     fake_mode = modes[0] if modes else fake_mode

@@ -31,6 +31,7 @@ class GraphReport:
     matches: list = field(default_factory=list)
     declines: list = field(default_factory=list)
     disabled: list = field(default_factory=list)
+    off_by_default: list = field(default_factory=list)
     inner: str = ""
 
     @property
@@ -94,6 +95,9 @@ class Report:
         disabled = sorted({p for g in self.graphs for p in g.disabled})
         if disabled:
             lines.append("disabled by options: " + ", ".join(disabled))
+        off = sorted({p for g in self.graphs for p in g.off_by_default})
+        if off:
+            lines.append("off by default (options={'enable': [...]} turns on): " + ", ".join(off))
         return "\n".join(lines)
 
     __repr__ = __str__
