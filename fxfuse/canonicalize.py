@@ -154,6 +154,10 @@ def canon(node: fx.Node) -> Canon | None:
             return Canon(key, tuple(node.args[:2]))
         info = linear_4bit_info(node)
         return Canon(key, (info.x, info.weight)) if info else None
+    if key == "getitem":
+        half = _half_of_last_dim(node)
+        if half is not None:
+            return Canon(key, (node.args[0], half))
     sig = _BOUND.get(key)
     args, kwargs = tuple(node.args), dict(node.kwargs)
     if sig is None:
@@ -169,6 +173,25 @@ def canon(node: fx.Node) -> Canon | None:
         if ndim is not None:
             vals[i] = _negative_dim(vals[i], ndim + (1 if key == "unsqueeze" else 0))
     return Canon(key, tuple(vals))
+
+
+def _half_of_last_dim(node: fx.Node):
+    """`x[..., :D/2]` -> "first half", `x[..., D/2:]` -> "second half" of the last dim (size D, static).
+
+    HF's `rotate_half` slices at `x.shape[-1] // 2`, which Dynamo bakes in as a number: naming the
+    halves lets one RoPE pattern match every head dim."""
+    x, idx = node.args
+    v = example_value(x)
+    if not isinstance(v, torch.Tensor) or not isinstance(idx, tuple) or len(idx) != 2 or idx[0] is not Ellipsis:
+        return None
+    d, sl = v.shape[-1], idx[1]
+    if not isinstance(d, int) or d % 2 or not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    if sl.start in (None, 0) and sl.stop == d // 2:
+        return "first half of last dim"
+    if sl.start == d // 2 and sl.stop in (None, d):
+        return "second half of last dim"
+    return None
 
 
 def _negative_dim(dim, ndim: int):

@@ -5,3 +5,4 @@ custom op, so AOTAutograd and Inductor treat fxfuse kernels as opaque calls.
 """
 from . import rms_norm  # noqa: F401  (registers fxfuse::rms_norm_*)
 from . import nf4_lora  # noqa: F401  (registers fxfuse::nf4_lora_linear*)
+from . import rope  # noqa: F401  (registers fxfuse::rope*)
