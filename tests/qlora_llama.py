@@ -92,3 +92,20 @@ def lora_grads(model, inputs) -> dict:
     out.loss.backward()
     return {n.removeprefix("_orig_mod."): p.grad.detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96):
+    """Compile a tiny QLoRA Llama with fxfuse, backpropagate one batch, and hold every LoRA gradient
+    to the exactness criterion (RMS statistic: see fxfuse.testing) against the float64 twin and the
+    stock path. Returns the backend's report of that compile."""
+    import fxfuse
+    from fxfuse.testing import assert_exact
+    model, twin = build(layers=layers, checkpointing=checkpointing)
+    inputs = batch(seed=1, t=t)  # enough tokens that the statistic is not one rounding event
+    ref, stock = lora_grads(twin, inputs), lora_grads(model, inputs)
+    fxfuse.last_report().graphs.clear()
+    ours = lora_grads(torch.compile(model, backend="fxfuse", options=options), inputs)
+    assert ours.keys() == ref.keys() and len(ref) == layers * len(TARGETS) * 2
+    for name in ref:
+        assert_exact(name, ours[name], ref[name], stock[name], max_factor=None)
+    return fxfuse.last_report()
