@@ -226,7 +226,7 @@ class _Attempt:
 
 def _describe(node) -> str:
     if isinstance(node, fx.Node):
-        c = node.meta.get("fxfuse_canon") or canon(node) if node.op in ("call_function", "call_method") else None
+        c = (node.meta.get("fxfuse_canon") or canon(node)) if node.op in ("call_function", "call_method") else None
         return f"`{node.name}` ({c.key if c else node.op})"
     return repr(node)
 
