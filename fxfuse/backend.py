@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
 from .canonicalize import canonicalize, subgraphs
-from .matcher import Pattern, apply_match, find_matches
+from .matcher import Pattern, apply_match, find_matches, module_path
 from .report import MatchRecord, Report
 
 __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
@@ -107,7 +107,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
             graph_report.declines.extend(declines)
             for m in matches:
                 apply_match(m)
-                graph_report.matches.append(MatchRecord(pattern.name, _where(m), m.root.name, len(m.nodes)))
+                graph_report.matches.append(MatchRecord(pattern.name, module_path(m.root), m.root.name, len(m.nodes)))
                 changed = True
         if changed:
             # A replaced region can leave its producers without users (e.g. the bitsandbytes
@@ -115,11 +115,6 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
             sub.graph.eliminate_dead_code()
             sub.graph.lint()
             sub.recompile()
-
-
-def _where(m) -> str:
-    from .matcher import module_path
-    return module_path(m.root)
 
 
 def _inner_compile(gm, example_inputs, options):

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .canonicalize import Canon, canon, example_value, is_commutative
+from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative
 
 __all__ = ["Pattern", "Match", "Decline", "PatternError", "find_matches", "apply_match", "module_path"]
 
@@ -143,7 +143,6 @@ class _DtypeVar:
 
 def trace_reference(pattern: Pattern) -> fx.GraphModule:
     """Trace the reference with Dynamo (as user code is traced) and canonicalize the result."""
-    from .canonicalize import canonicalize
     inputs = list(pattern.example_inputs())
     if len(inputs) != len(pattern._params):
         raise PatternError(f"pattern {pattern.name!r}: example_inputs gave {len(inputs)} values for "

@@ -16,7 +16,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fxfuse.kernels import rms_norm as K  # noqa: E402
-from fxfuse.kernels.rms_norm import MAX_HIDDEN, _round_to, rms_norm_backward, rms_norm_forward  # noqa: E402
+from fxfuse.kernels.common import round_to  # noqa: E402
+from fxfuse.kernels.rms_norm import MAX_HIDDEN, rms_norm_backward, rms_norm_forward  # noqa: E402
 from fxfuse.testing import POISON, assert_exact  # noqa: E402
 
 # The interpreter's runtime-bound loops trip a numpy deprecation warning thousands of times.
@@ -250,7 +251,7 @@ def test_interpreter_bf16_rounding_is_round_to_nearest_even():
     @triton.jit
     def round_kernel(X, Y, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(Y + offs, _round_to(tl.load(X + offs), Y.dtype.element_ty, True))
+        tl.store(Y + offs, round_to(tl.load(X + offs), Y.dtype.element_ty, True))
 
     g = torch.Generator().manual_seed(1)
     bits = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g, dtype=torch.int64).to(torch.int32)

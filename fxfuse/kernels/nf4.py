@@ -34,7 +34,7 @@ Two details keep it exact. On the GPU, Triton contracts a multiply followed by a
 fused multiply-add (one rounding instead of two) unless told not to; the absmax restore above is
 such a pair, so the kernel is launched with `enable_fp_fusion=False`. (It has no other add.) And
 Triton's interpreter truncates fp32 -> bf16, so when interpreted the bf16 rounding is done by hand
-(`rms_norm._round_to`).
+(`common.round_to`).
 
 Each program handles ROWS whole quantization blocks: a [ROWS, blocksize // 2] tile of packed
 bytes, whose two nibbles are decoded, scaled by the row's absmax (loaded, or restored, once per
@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxfuse.kernels.rms_norm import _round_to
+from .common import interpreted, round_to
 
 __all__ = [
     "NF4_CODE", "FP4_CODE", "NF4_VALUES", "FP4_VALUES", "BLOCKSIZES",
@@ -162,7 +162,7 @@ def _dequant_4bit_kernel(
     values = tl.interleave(hi, lo)  # [ROWS, QBLOCK]: hi, lo, hi, lo, ...
 
     out_offs = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    tl.store(OUT + out_offs, _round_to(values, OUT.dtype.element_ty, SOFT_BF16),
+    tl.store(OUT + out_offs, round_to(values, OUT.dtype.element_ty, SOFT_BF16),
              mask=out_offs < n_elements)
 
 
@@ -170,10 +170,6 @@ def _dequant_4bit_kernel(
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-def _interpreted() -> bool:
-    # triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET=1
-    # was set at import; that is the one reliable signal of which path the kernels take.
-    return type(_dequant_4bit_kernel).__name__ == "InterpretedFunction"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -293,7 +289,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: to
         packed, absmax, absmax2, code2, offset, out,
         n, n_bytes, n_blocks,
         CODE=_CODES[quant_type], SIGN_BIT=quant_type == "fp4", QBLOCK=blocksize, ROWS=rows,
-        NESTED=nested is not None, QBLOCK2=blocksize2, SOFT_BF16=_interpreted(),
+        NESTED=nested is not None, QBLOCK2=blocksize2, SOFT_BF16=interpreted(),
         num_warps=_NUM_WARPS,
         # Keep `code2 * absmax2 + offset` two roundings, as in bitsandbytes (see the docstring).
         enable_fp_fusion=False,

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import interpreted, round_to
+
 __all__ = ["MAX_HIDDEN", "rms_norm_forward", "rms_norm_backward"]
 
 # The kernels hold a whole row in registers, so N is bounded by what one program can keep live.
@@ -79,24 +81,6 @@ _BWD_PROGRAMS_INTERPRETED = 3
 # Column-block and row-block of the dw partial reduction.
 _DW_BLOCK_C = 32
 _DW_BLOCK_R = 64
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Round `x` (fp32, or fp64 for fp32 outputs) to `dtype`, to nearest even, as torch's .to()."""
-    # Triton's interpreter (3.6) converts fp32 -> bf16 by truncation, not round-to-nearest-even,
-    # which would make every bf16 result up to 1 ulp off on CPU. When interpreted we therefore
-    # round by hand on the bit pattern; on the GPU the native cvt.rn.bf16.f32 is used.
-    if SOFT_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        # Adding 0x7FFF plus the kept lsb rounds half to even; a carry out of the mantissa bumps
-        # the exponent, which is the correct result (up to +Inf on overflow).
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        # A NaN payload could carry into the exponent/sign; keep NaN a (quiet) NaN instead.
-        rounded = tl.where(x != x, bits | 0x400000, rounded)
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -148,9 +132,9 @@ def _rms_norm_fwd_kernel(
     else:
         # HF rounds the normalised value to x.dtype *before* the weight multiply; so must we.
         # The product of two bf16/fp16 values is exact in fp32, so y below is rounded once.
-        y = w[None, :] * _round_to(xhat, Y.dtype.element_ty, SOFT_BF16).to(ACC)
+        y = w[None, :] * round_to(xhat, Y.dtype.element_ty, SOFT_BF16).to(ACC)
 
-    tl.store(Y + offs, _round_to(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(Y + offs, round_to(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
     tl.store(RSTD + rows, rstd.to(tl.float32), mask=row_mask)
 
 
@@ -197,11 +181,11 @@ def _rms_norm_bwd_kernel(
             # `weight * h.to(x.dtype)`) before going on in fp32. Doing the same keeps dx bit-equal to
             # the stock dx almost everywhere, so whole-model gradients track eager's rounding for
             # rounding instead of drifting by an equally accurate but different one.
-            g = _round_to(g, DX.dtype.element_ty, SOFT_BF16).to(ACC)
+            g = round_to(g, DX.dtype.element_ty, SOFT_BF16).to(ACC)
         # d/dx of w * x * rstd(x): rstd * (g - xhat * mean(g * xhat)); eps is inside rstd.
         c = _div_rn(tl.sum(g * xhat, axis=1), N * 1.0, ACC)
         dx = rstd[:, None] * (g - xhat * c[:, None])
-        tl.store(DX + offs, _round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
+        tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
 
         if NEED_DW:
             # The unrounded xhat: dw is then the float64 reference's sum up to fp32 accumulation
@@ -230,17 +214,13 @@ def _sum_partials_kernel(
         acc += tl.load(P + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
     # One rounding, accumulator -> weight dtype, at the very end.
     dw = tl.sum(acc, axis=0)
-    tl.store(DW + cols, _round_to(dw, DW.dtype.element_ty, SOFT_BF16), mask=col_mask)
+    tl.store(DW + cols, round_to(dw, DW.dtype.element_ty, SOFT_BF16), mask=col_mask)
 
 
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-def _interpreted() -> bool:
-    # triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET=1
-    # was set at import; that is the one reliable signal of which path the kernels take.
-    return type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _acc(dtype: torch.dtype):
@@ -281,7 +261,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _num_backward_programs(device: torch.device, num_row_blocks: int) -> int:
-    if device.type == "cuda" and not _interpreted():
+    if device.type == "cuda" and not interpreted():
         idx = device.index if device.index is not None else torch.cuda.current_device()
         target = _sm_count(idx) * _BWD_PROGRAMS_PER_SM
     else:
@@ -356,7 +336,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         x, weight, out, rstd_out,
         m, n, float(eps),
         BLOCK_M=block_m, BLOCK_N=block_n,
-        ACC=_acc(x.dtype)[0], WIDE=x.dtype == torch.float32, SOFT_BF16=_interpreted(),
+        ACC=_acc(x.dtype)[0], WIDE=x.dtype == torch.float32, SOFT_BF16=interpreted(),
         num_warps=_FWD_WARPS or _num_warps(block_m * block_n),
     )
     return out, rstd_out
@@ -392,7 +372,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     block_m, block_n = _blocks(n, _BWD_TILE_ELEMS)
     programs = _num_backward_programs(x.device, _cdiv(m, block_m))
     acc_tl, acc_torch = _acc(x.dtype)
-    soft = _interpreted()
+    soft = interpreted()
     recompute = x.dtype == torch.float32 and eps is not None
     # Every program gets at least one row block and stores its whole partial row: empty() is safe.
     # Without dw the kernel never touches the pointer; dx_out stands in for it.

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import _round_to
+from .common import interpreted, round_to
 
 __all__ = ["rope_forward", "rope_backward", "MAX_HEAD_DIM"]
 
@@ -51,22 +51,20 @@ def _rope_kernel(X, COS, SIN, OUT,
     s1 = tl.load(SIN + s_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + s_row[:, None] + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dt = OUT.dtype.element_ty
-    # Products of two 16-bit floats are exact in fp32: each _round_to below is the one rounding
+    # Products of two 16-bit floats are exact in fp32: each round_to below is the one rounding
     # the stock op makes, so no FMA contraction can change the result.
     if BACKWARD:
         # x1 feeds out[..., D/2:] through sin's second half, x2 feeds out[..., :D/2] negated.
-        o1 = _round_to(x1 * c1, dt, SOFT_BF16).to(tl.float32) + _round_to(x2 * s2, dt, SOFT_BF16).to(tl.float32)
-        o2 = _round_to(x2 * c2, dt, SOFT_BF16).to(tl.float32) - _round_to(x1 * s1, dt, SOFT_BF16).to(tl.float32)
+        o1 = round_to(x1 * c1, dt, SOFT_BF16).to(tl.float32) + round_to(x2 * s2, dt, SOFT_BF16).to(tl.float32)
+        o2 = round_to(x2 * c2, dt, SOFT_BF16).to(tl.float32) - round_to(x1 * s1, dt, SOFT_BF16).to(tl.float32)
     else:
-        o1 = _round_to(x1 * c1, dt, SOFT_BF16).to(tl.float32) - _round_to(x2 * s1, dt, SOFT_BF16).to(tl.float32)
-        o2 = _round_to(x2 * c2, dt, SOFT_BF16).to(tl.float32) + _round_to(x1 * s2, dt, SOFT_BF16).to(tl.float32)
+        o1 = round_to(x1 * c1, dt, SOFT_BF16).to(tl.float32) - round_to(x2 * s1, dt, SOFT_BF16).to(tl.float32)
+        o2 = round_to(x2 * c2, dt, SOFT_BF16).to(tl.float32) + round_to(x1 * s2, dt, SOFT_BF16).to(tl.float32)
     out_row = rows * (2 * HALF)
-    tl.store(OUT + out_row[:, None] + cols[None, :], _round_to(o1, dt, SOFT_BF16), mask=mask)
-    tl.store(OUT + out_row[:, None] + HALF + cols[None, :], _round_to(o2, dt, SOFT_BF16), mask=mask)
+    tl.store(OUT + out_row[:, None] + cols[None, :], round_to(o1, dt, SOFT_BF16), mask=mask)
+    tl.store(OUT + out_row[:, None] + HALF + cols[None, :], round_to(o2, dt, SOFT_BF16), mask=mask)
 
 
-def _interpreted() -> bool:
-    return type(_rope_kernel).__name__ == "InterpretedFunction"
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -100,7 +98,7 @@ def _launch(x, cos, sin, backward: bool, out=None) -> torch.Tensor:
     grid = (triton.cdiv(rows, _ROWS),)
     _rope_kernel[grid](x, cos, sin, out, rows, h, t, x.stride(0), x.stride(1), x.stride(2), cb, cos.stride(2),
                        sb, sin.stride(2), HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_R=_ROWS,
-                       BACKWARD=backward, SOFT_BF16=_interpreted())
+                       BACKWARD=backward, SOFT_BF16=interpreted())
     return out
 
 
