@@ -90,7 +90,9 @@ def part_step(args, variant) -> dict:
     inputs = batch(vocab=_vocab(), b=args.batch, t=args.seq, seed=1, device=DEVICE)
     run = model
     if variant != "stock":
-        run = torch.compile(model, backend="fxfuse", options={"inner": variant.split("-", 1)[1]})
+        # "fxfuse-<inner>[+pattern+...]": the inner compiler, then patterns that are off by default
+        inner, *enable = variant.split("-", 1)[1].split("+")
+        run = torch.compile(model, backend="fxfuse", options={"inner": inner, "enable": enable})
     _sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

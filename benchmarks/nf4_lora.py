@@ -1,129 +1,255 @@
-"""NF4 dequantization and LoRA-on-NF4 on the GPU: bit-exactness against bitsandbytes' CUDA kernels,
-then forward+backward time and peak memory of `fxfuse::nf4_lora_linear` against the stock path
-(bitsandbytes MatMul4Bit + PEFT's fp32 adapter path) at the Llama-3-8B projection shapes.
+"""LoRA on NF4 on the GPU: exactness, then forward+backward time and peak memory of fxfuse's
+`fxfuse::lora_linear` against the stock path (bitsandbytes MatMul4Bit + PEFT's fp32 adapter path)
+and Unsloth's fast LoRA kernels, at the Llama-3-8B projection shapes, each system in its own process.
 
-    python benchmarks/nf4_lora.py --json benchmarks/results/nf4_lora.json
+    python benchmarks/nf4_lora.py [--tokens 4096] [--rank 16] [--json benchmarks/results/nf4_lora.json]
 
-Prints markdown tables; writes JSON.
+Cases: the four projection shapes alone, and the groups that share their input (q/k/v, gate/up),
+which stock and Unsloth's LoRA_W run one projection at a time, and fxfuse in one call. Prints
+markdown tables; writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from fxfuse.kernels.nf4 import dequantize_4bit  # noqa: E402
-from fxfuse.ops.nf4_lora import nf4_lora_linear  # noqa: E402
+SINGLE = {"q/o 4096->4096": [(4096, 4096)], "k/v 4096->1024": [(1024, 4096)],
+          "gate/up 4096->14336": [(14336, 4096)], "down 14336->4096": [(4096, 14336)]}
+GROUPS = {"q,k,v group 4096->4096+1024+1024": [(4096, 4096), (1024, 4096), (1024, 4096)],
+          "gate,up group 4096->2x14336": [(14336, 4096), (14336, 4096)]}
+CASES = {**SINGLE, **GROUPS}
+SCALING = 2.0
 
-SHAPES = {"q/o 4096->4096": (4096, 4096), "k/v 4096->1024": (1024, 4096), "gate/up 4096->14336": (14336, 4096),
-          "down 14336->4096": (4096, 14336)}
-TOKENS, RANK = 4096, 16
 
-
-def quantize(w, double_quant):
+def _quantize(w):
     import bitsandbytes.functional as F
-    return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 
 
-def nested_of(st):
-    return (st.state2.absmax, st.state2.code, st.offset, st.state2.blocksize) if st.nested else None
+def _nested(st):
+    return (st.state2.absmax, st.state2.code, st.offset, st.state2.blocksize)
 
 
-def exactness() -> list:
+def _make(shapes, tokens, rank, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    in_f = shapes[0][1]
+    x = torch.randn(tokens, in_f, generator=g, device="cuda").to(torch.bfloat16).requires_grad_()
+    projs = []
+    for out_f, _ in shapes:
+        w = (torch.randn(out_f, in_f, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        q, st = _quantize(w)
+        a = (torch.randn(rank, in_f, generator=g, device="cuda") * 0.02).requires_grad_()
+        b = (torch.randn(out_f, rank, generator=g, device="cuda") * 0.02).requires_grad_()
+        projs.append((q, st, a, b))
+    dys = [torch.randn(tokens, out_f, generator=g, device="cuda").to(torch.bfloat16) for out_f, _ in shapes]
+    return x, projs, dys
+
+
+def _system_fns(system, x, projs):
+    """A function computing every projection's output from x, for `system`."""
+    if system == "stock":
+        import bitsandbytes as bnb
+
+        def run():
+            outs = []
+            for q, st, a, b in projs:
+                result = bnb.matmul_4bit(x, q.t(), quant_state=st).clone()
+                lora = torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * SCALING
+                outs.append(result + lora.to(x.dtype))
+            return outs
+        return run
+    if system == "fxfuse":
+        from fxfuse.ops.nf4_lora import lora_linear_group
+        sizes = [st.shape[0] for _, st, _, _ in projs]
+        st0 = projs[0][1]
+
+        def run():
+            y = lora_linear_group(x, [q for q, *_ in projs], [st.absmax for _, st, _, _ in projs],
+                                  *[[_nested(st)[i] for _, st, _, _ in projs] for i in range(3)],
+                                  [a for *_, a, _ in projs], [b for *_, b in projs], None, SCALING, "nf4", sizes,
+                                  st0.shape[1], 64, st0.state2.blocksize)
+            return list(torch.split(y, sizes, dim=-1))
+        return run
+    if system == "unsloth":
+        import unsloth  # noqa: F401  (patches; must come before the kernels)
+        from unsloth.kernels.fast_lora import LoRA_W
+
+        x3 = x.view(1, *x.shape)  # LoRA_W's backward reads (batch, seq, hidden) from X
+
+        def run():
+            # As unsloth's apply_lora_o calls it: the packed Params4bit, its quant state, A, B, s.
+            return [LoRA_W.apply(x3, q, st, a, b, SCALING).view(x.shape[0], -1) for q, st, a, b in projs]
+        return run
+    raise ValueError(system)
+
+
+def _graph_ms(step) -> float | None:
+    """Device time of one fwd+bwd, replayed as a CUDA graph (no host launch overhead): median of 50."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        times = []
+        for _ in range(50):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+    except Exception:  # not capturable (e.g. a host sync inside)
+        return None
+
+
+def time_system(system, tokens, rank) -> dict:
+    import triton
+    out = {}
+    for name, shapes in CASES.items():
+        x, projs, dys = _make(shapes, tokens, rank)
+        try:
+            run = _system_fns(system, x, projs)
+        except Exception as e:  # e.g. Unsloth not installed
+            return {"error": f"{type(e).__name__}: {e}"}
+        params = [x] + [t for _, _, a, b in projs for t in (a, b)]
+
+        def step():
+            torch.autograd.grad(run(), params, dys)
+        try:
+            step()
+            torch.cuda.synchronize()
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        ms = float(triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median"))
+        fwd_ms = float(triton.testing.do_bench(lambda: run(), warmup=10, rep=100, return_mode="median"))
+        out[name] = {"fwd_bwd_ms": ms, "fwd_ms": fwd_ms, "peak_extra_mib": peak, "device_ms": _graph_ms(step)}
+        del x, projs, dys, run
+        torch.cuda.empty_cache()
+    return out
+
+
+def exactness(tokens, rank) -> dict:
+    """y, dx, dA, dB of fxfuse and stock against float64 at 4096->4096 (RMS and max errors)."""
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    from fxfuse.testing import assert_exact
+    x, projs, dys = _make([(4096, 4096)], tokens, rank, seed=7)
+    q, st, a, b = projs[0]
+    res = {}
+    ys = {s: _system_fns(s, x, projs)()[0] for s in ("stock", "fxfuse")}
+    grads = {s: torch.autograd.grad(ys[s], (x, a, b), dys[0]) for s in ys}
+    w64 = bnb_dequantize(q, st).double()
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ w64.t() + (x64 @ a64.t()) @ b64.t() * SCALING
+    g64 = torch.autograd.grad(y64, (x64, a64, b64), dys[0].double())
+    for name, ours, ref, stock in (("y", ys["fxfuse"], y64, ys["stock"]),
+                                   *[(n, grads["fxfuse"][i], g64[i], grads["stock"][i])
+                                     for i, n in enumerate(("dx", "dA", "dB"))]):
+        try:
+            e = assert_exact(name, ours, ref, stock)
+            e["pass"] = True
+        except AssertionError as err:
+            e = {"pass": False, "error": str(err)}
+        res[name] = e
+    return res
+
+
+def dequant_bit_equal() -> list:
     import bitsandbytes.functional as F
+    from fxfuse.kernels.nf4 import dequantize_4bit
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for (out_f, in_f) in [(72, 200), (200, 72), (1024, 4096), (4096, 14336)]:
         for dq in (False, True):
             for dtype in (torch.bfloat16, torch.float16):
                 w = torch.randn(out_f, in_f, generator=g, device="cuda").to(dtype)
-                q, st = quantize(w, dq)
+                q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
                 ref = F.dequantize_4bit(q, st)
                 ours = dequantize_4bit(q.view(torch.uint8).reshape(-1), st.absmax, st.shape, dtype,
-                                       blocksize=st.blocksize, nested=nested_of(st))
+                                       blocksize=st.blocksize, nested=_nested(st) if dq else None)
                 rows.append({"shape": [out_f, in_f], "double_quant": dq, "dtype": str(dtype),
                              "bit_equal": bool(torch.equal(ref.view(torch.int16), ours.view(torch.int16)))})
     return rows
 
 
-def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"))
-
-
-def time_shape(name, out_f, in_f) -> dict:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-    g = torch.Generator(device="cuda").manual_seed(1)
-    w = (torch.randn(out_f, in_f, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-    q, st = quantize(w, True)
-    a = (torch.randn(RANK, in_f, generator=g, device="cuda") * 0.02).requires_grad_()
-    b = (torch.randn(out_f, RANK, generator=g, device="cuda") * 0.02).requires_grad_()
-    x = torch.randn(TOKENS, in_f, generator=g, device="cuda").to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(TOKENS, out_f, generator=g, device="cuda").to(torch.bfloat16)
-    s = 2.0
-    nested = nested_of(st)
-    args = (q, st.absmax, *nested[:3], a, b, s, "nf4", out_f, in_f, st.blocksize, nested[3])
-
-    def stock():
-        result = bnb.matmul_4bit(x, q.t(), quant_state=st).clone()
-        y = result + (torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * s).to(x.dtype)
-        torch.autograd.grad(y, (x, a, b), dy)
-
-    def ours():
-        torch.autograd.grad(nf4_lora_linear(x, *args), (x, a, b), dy)
-
-    def dq_bnb():
-        F.dequantize_4bit(q, st)
-
-    def dq_ours():
-        dequantize_4bit(q.view(torch.uint8).reshape(-1), st.absmax, st.shape, torch.bfloat16, blocksize=64,
-                        nested=nested)
-
-    out = {"name": name, "shape": [out_f, in_f], "tokens": TOKENS}
-    for label, fn in (("stock", stock), ("fxfuse", ours)):
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        out[f"{label}_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        out[f"{label}_fwd_bwd_ms"] = bench(fn)
-    out["dequant_bnb_us"] = 1e3 * bench(dq_bnb)
-    out["dequant_fxfuse_us"] = 1e3 * bench(dq_ours)
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--unsloth-site", help="a folder with the Unsloth wheels installed (it pins other trl/datasets "
+                    "versions, so only its child process sees it)")
+    ap.add_argument("--system", help=argparse.SUPPRESS)  # child process: time one system, print JSON
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "nf4_lora.json"))
     args = ap.parse_args()
-    rows = exactness()
-    ok = all(r["bit_equal"] for r in rows)
-    print(f"NF4 dequantization bit-equal to bitsandbytes CUDA on {sum(r['bit_equal'] for r in rows)}/{len(rows)} "
-          f"cases: {'PASS' if ok else 'FAIL'}")
-    for r in rows:
-        if not r["bit_equal"]:
-            print("  FAIL", r)
-    times = [time_shape(n, *s) for n, s in SHAPES.items()]
-    print(f"\n| projection ({TOKENS} tokens, r={RANK}, NF4 double quant) | stock fwd+bwd ms | fxfuse fwd+bwd ms | "
-          "ratio | stock extra peak MiB | fxfuse extra peak MiB | dequant bnb us | dequant fxfuse us |")
-    print("|---|---|---|---|---|---|---|---|")
-    for t in times:
-        print(f"| {t['name']} | {t['stock_fwd_bwd_ms']:.3f} | {t['fxfuse_fwd_bwd_ms']:.3f} | "
-              f"{t['fxfuse_fwd_bwd_ms'] / t['stock_fwd_bwd_ms']:.2f} | {t['stock_peak_extra_mib']:.0f} | "
-              f"{t['fxfuse_peak_extra_mib']:.0f} | {t['dequant_bnb_us']:.1f} | {t['dequant_fxfuse_us']:.1f} |")
+    if args.system:
+        print("RESULT " + json.dumps(time_system(args.system, args.tokens, args.rank)))
+        return
+
+    rows = dequant_bit_equal()
+    n_eq = sum(r["bit_equal"] for r in rows)
+    print(f"NF4 dequantization bit-equal to bitsandbytes CUDA: {n_eq}/{len(rows)}")
+    exact = exactness(args.tokens, args.rank)
+    print(f"exactness at 4096->4096, {args.tokens} tokens (fxfuse vs stock, RMS error against float64):")
+    for k, v in exact.items():
+        print(f"  {k}: {'PASS' if v['pass'] else 'FAIL'} " +
+              (f"rms {v['rms']:.3e} vs stock {v['stock_rms']:.3e}; max {v['max']:.3e} vs {v['stock_max']:.3e}"
+               if v["pass"] else v["error"]))
+
+    systems = {}
+    for system in ("stock", "fxfuse", "unsloth"):
+        env = dict(os.environ)
+        if system == "unsloth" and args.unsloth_site:
+            env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
+            env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--system", system, "--tokens",
+                               str(args.tokens), "--rank", str(args.rank)], capture_output=True, text=True, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        systems[system] = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
+        print(f"{system}: {'ok' if 'error' not in systems[system] else systems[system]['error']}", flush=True)
+
+    print(f"\n| case ({args.tokens} tokens, r={args.rank}, NF4 double quant) | stock fwd+bwd ms | fxfuse ms | "
+          "fxfuse / stock | Unsloth ms | fxfuse / Unsloth | stock peak MiB | fxfuse peak MiB | Unsloth peak MiB | "
+          "device ms stock / fxfuse / Unsloth (CUDA graph) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(system, name, key, fmt):
+        v = systems[system].get(name, {}) if "error" not in systems[system] else {}
+        return format(v[key], fmt) if v.get(key) is not None else "n/a"
+
+    for name in CASES:
+        s, f = systems["stock"].get(name, {}), systems["fxfuse"].get(name, {})
+        u = systems["unsloth"].get(name, {}) if "error" not in systems["unsloth"] else {}
+        ratio = f"{f['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in s and "fwd_bwd_ms" in f else "n/a"
+        uratio = f"{f['fwd_bwd_ms'] / u['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in u and "fwd_bwd_ms" in f else "n/a"
+        print(f"| {name} | {cell('stock', name, 'fwd_bwd_ms', '.3f')} | {cell('fxfuse', name, 'fwd_bwd_ms', '.3f')} | "
+              f"{ratio} | {cell('unsloth', name, 'fwd_bwd_ms', '.3f')} | {uratio} | "
+              f"{cell('stock', name, 'peak_extra_mib', '.0f')} | {cell('fxfuse', name, 'peak_extra_mib', '.0f')} | "
+              f"{cell('unsloth', name, 'peak_extra_mib', '.0f')} | {cell('stock', name, 'device_ms', '.3f')} / "
+              f"{cell('fxfuse', name, 'device_ms', '.3f')} / {cell('unsloth', name, 'device_ms', '.3f')} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "exactness": rows,
-                   "times": times}, f, indent=1)
+    with open(args.json, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
+                   "rank": args.rank, "dequant_bit_equal": rows, "exactness": exact, "systems": systems}, fh, indent=1)
 
 
 if __name__ == "__main__":

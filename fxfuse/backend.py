@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
-from .canonicalize import canonicalize, subgraphs
-from .matcher import Pattern, apply_match, find_matches, module_path
+from .canonicalize import canon, canonicalize, subgraphs
+from .matcher import Decline, Pattern, apply_match, find_matches, module_path
 from .report import MatchRecord, Report
 
 __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
@@ -101,20 +101,45 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
     canonicalize(gm)
     graph_report.total_nodes = _count_nodes(gm)
     for _, sub in subgraphs(gm):
-        changed = False
+        fired = []
         for pattern in patterns:
             matches, declines = find_matches(pattern, sub, fake_mode)
             graph_report.declines.extend(declines)
             for m in matches:
                 apply_match(m)
                 graph_report.matches.append(MatchRecord(pattern.name, module_path(m.root), m.root.name, len(m.nodes)))
-                changed = True
-        if changed:
+            if matches:
+                fired.append(pattern)
+        _explain_unmatched_anchors(sub, patterns, graph_report)
+        for pattern in fired:
+            if pattern.post_pass is not None:
+                graph_report.post_passes.extend(f"{pattern.name}: {line}" for line in pattern.post_pass(sub))
+        if fired:
             # A replaced region can leave its producers without users (e.g. the bitsandbytes
             # autograd_function_apply whose output 0 a pattern consumed): they must not run.
             sub.graph.eliminate_dead_code()
             sub.graph.lint()
             sub.recompile()
+
+
+def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], graph_report) -> None:
+    # Already explained: a node, or a module (or its parent) where the pattern recorded a near miss
+    # with its reason (the anchor of PEFT's q_proj lies in q_proj.base_layer).
+    declined_nodes = {(d.pattern, d.node) for d in graph_report.declines}
+    declined_at = {(d.pattern, d.where) for d in graph_report.declines if d.where != "<top>"}
+
+    def explained(pattern, node):
+        path = module_path(node)
+        return (pattern, node.name) in declined_nodes or any(
+            p == pattern and (path == w or path.startswith(w + ".")) for p, w in declined_at)
+
+    for pattern in patterns:
+        if pattern.anchor is None:
+            continue
+        for n in gm.graph.nodes:
+            c = canon(n) if n.op == "call_function" else None
+            if c is not None and c.key == pattern.anchor and not explained(pattern.name, n):
+                graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, pattern.anchor_reason))
 
 
 def _inner_compile(gm, example_inputs, options):

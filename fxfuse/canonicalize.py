@@ -60,6 +60,8 @@ _SIGNATURES = {
     "linear": "(input, weight, bias=None)", "clone": "(self, *, memory_format=None)",
     "contiguous": "(self, memory_format=torch.contiguous_format)", "cos": "(self)", "sin": "(self)",
     "transpose": "(self, dim0, dim1)", "unsqueeze": "(self, dim)", "softmax": "(input, dim=None, _stacklevel=3, dtype=None)",
+    "cross_entropy": "(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+                     "reduction='mean', label_smoothing=0.0)",
 }
 _BOUND = {k: inspect.Signature.from_callable(eval(f"lambda {v[1:-1]}: None", {"torch": torch}))  # noqa: S307
           for k, v in _SIGNATURES.items()}
@@ -338,11 +340,49 @@ def _drop_noop_casts(graph: fx.Graph) -> int:
     return dropped
 
 
+def _casts_after_views(graph: fx.Graph) -> int:
+    """`x.float().view(s)` -> `x.view(s).float()` where the cast feeds only the view.
+
+    A view and a dtype cast commute exactly. With the cast last, a pattern anchored on the consumer
+    (e.g. the loss's `cross_entropy(logits.float().view(-1, V))`) finds the low-precision tensor
+    right under the cast and can read it directly."""
+    moved = 0
+    for node in list(graph.nodes):
+        if node.op not in ("call_method", "call_function") or op_key(node) not in ("view", "reshape"):
+            continue
+        cast = node.args[0] if node.args else None
+        if not isinstance(cast, fx.Node) or len(cast.users) != 1 or cast.op not in ("call_method", "call_function"):
+            continue
+        c = canon(cast)
+        if c is None or c.key != "to" or c.args[1] is None or c.args[2] is not None:
+            continue
+        src, vin, vout = c.args[0], example_value(c.args[0]), example_value(node)
+        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor) or not vin.is_contiguous():
+            continue  # a view of a non-contiguous source could fail where the cast's fresh copy did not
+        with graph.inserting_before(node):
+            if node.op == "call_method":
+                view = graph.call_method(node.target, (src, *node.args[1:]), dict(node.kwargs))
+            else:
+                view = graph.call_function(node.target, (src, *node.args[1:]), dict(node.kwargs))
+            view.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+            view.meta["example_value"] = vin.reshape(vout.shape)
+            new_cast = graph.call_method("to", (view, c.args[1])) if cast.op == "call_method" else \
+                graph.call_function(cast.target, (view, *cast.args[1:]), dict(cast.kwargs))
+            new_cast.meta.update(node.meta)
+        node.replace_all_uses_with(new_cast)
+        graph.erase_node(node)
+        graph.erase_node(cast)
+        moved += 1
+    return moved
+
+
 def canonicalize(gm: fx.GraphModule) -> int:
     """Make `gm` (and its transparent HOP bodies) canonical in place. Returns the nodes dropped."""
     dropped = 0
     for _, sub in subgraphs(gm):
         n = _drop_noop_casts(sub.graph)
+        if _casts_after_views(sub.graph):
+            sub.recompile()
         if n:
             sub.recompile()
         dropped += n

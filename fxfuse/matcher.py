@@ -71,7 +71,8 @@ class Pattern:
 
     name:        unique id, used in options and reports.
     reference:   the PyTorch function being replaced, exactly as the model code writes it. It is also
-                 the test oracle: `fxfuse.testing.check_pattern` runs it in float64 and stock precision.
+                 the test oracle: evaluated in float64 and in the stock precision, it is what
+                 `fxfuse.testing.assert_exact` holds the replacement to (docs/patterns.md).
     replacement: function with the same parameters, calling fxfuse custom ops.
     example_inputs: zero-arg function returning the inputs used to trace `reference` (tensors for
                  tensor parameters, any value for scalar parameters listed in `scalars`).
@@ -82,6 +83,14 @@ class Pattern:
                  constants); by default the values bound to the reference's parameters, in order. A
                  pattern whose replacement needs more than its reference sees (e.g. the quantization
                  state of a 4-bit linear) builds them here; the replacement then has its own signature.
+    post_pass:   optional `(graph_module) -> list[str]`, run on each graph where the pattern fired,
+                 after every pattern was applied: rewrites between its replacements (e.g. merging
+                 the projections that share an input into one call). Returns one line per change,
+                 shown by explain().
+    anchor:      optional canonical op key (e.g. "linear_4bit") that every region this pattern
+                 targets contains. An anchor op left in the graph after rewriting, which no decline
+                 already explains, is reported as declined with `anchor_reason`: forms the pattern
+                 does not know (DoRA, several adapters) do not match at all, and must still be said.
     """
     name: str
     reference: Callable
@@ -92,6 +101,9 @@ class Pattern:
     description: str = ""
     arguments: Callable[[Match], tuple] | None = None
     enabled_by_default: bool = True
+    post_pass: Callable[[fx.GraphModule], list[str]] | None = None
+    anchor: str | None = None
+    anchor_reason: str = "not in a form this pattern supports"
     _graph: fx.GraphModule | None = field(default=None, repr=False)
     _params: list = field(default_factory=list, repr=False)
 

@@ -32,6 +32,7 @@ class GraphReport:
     declines: list = field(default_factory=list)
     disabled: list = field(default_factory=list)
     off_by_default: list = field(default_factory=list)
+    post_passes: list = field(default_factory=list)  # what patterns' post passes changed, one line each
     inner: str = ""
 
     @property
@@ -55,6 +56,10 @@ class Report:
     @property
     def declines(self) -> list[Decline]:
         return [d for g in self.graphs for d in g.declines]
+
+    @property
+    def post_passes(self) -> list[str]:
+        return [line for g in self.graphs for line in g.post_passes]
 
     def counts(self) -> dict[str, int]:
         """Times each pattern fired, by pattern name."""
@@ -88,6 +93,9 @@ class Report:
                 lines.append(f"  {p:<{width}}  x{n:<3} {shown}")
         else:
             lines.append("fired: nothing")
+        if self.post_passes:
+            lines.append("then:")
+            lines.extend(f"  {line}" for line in self.post_passes)
         if self.declines:
             lines.append("declined:")
             for d in self.declines:

@@ -28,7 +28,7 @@ def _random_lora(model, seed):
 
 
 def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa", lora_dropout=0.0, device="cpu",
-          twin=True, rank=8, quant_type="nf4", **overrides):
+          twin=True, rank=8, quant_type="nf4", lora_kwargs=None, **overrides):
     """Return (qlora_model, float64_twin or None), both PEFT-wrapped, in train mode, on `device`.
 
     `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check)."""
@@ -51,7 +51,8 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
                                              attn_implementation=attn)
-    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=TARGETS)
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=TARGETS,
+                      **(lora_kwargs or {}))
     model.config.use_cache = False
     if twin:
         # The float64 twin: the same weights, the NF4 ones as the 4-bit model actually sees them.
@@ -94,18 +95,30 @@ def lora_grads(model, inputs) -> dict:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96):
-    """Compile a tiny QLoRA Llama with fxfuse, backpropagate one batch, and hold every LoRA gradient
-    to the exactness criterion (RMS statistic: see fxfuse.testing) against the float64 twin and the
-    stock path. Returns the backend's report of that compile."""
+def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96,
+                             seeds=(1, 2, 3), dynamic: bool = False):
+    """Compile a tiny QLoRA Llama with fxfuse, backpropagate a few batches, and hold every LoRA
+    gradient to the exactness criterion against the float64 twin and the stock path. Returns the
+    backend's report of that compile.
+
+    The statistic is each tensor's RMS error pooled over the batches (see fxfuse.testing for why
+    whole-model gradients use RMS). One batch is too few rounding events: a path with strictly fewer
+    roundings than stock (y and dx of LoRA rounded once) measured 1.35x stock on one tensor of one
+    96-token batch while its median over all tensors was 0.94x; pooled over three batches no
+    tensor exceeds 1.25x unless the path is really less accurate."""
     import fxfuse
     from fxfuse.testing import assert_exact
     model, twin = build(layers=layers, checkpointing=checkpointing)
-    inputs = batch(seed=1, t=t)  # enough tokens that the statistic is not one rounding event
-    ref, stock = lora_grads(twin, inputs), lora_grads(model, inputs)
+    compiled = torch.compile(model, backend="fxfuse", options=options, dynamic=dynamic)
     fxfuse.last_report().graphs.clear()
-    ours = lora_grads(torch.compile(model, backend="fxfuse", options=options), inputs)
+    ours, ref, stock = {}, {}, {}
+    for seed in seeds:
+        inputs = batch(seed=seed, t=t)
+        for acc, m in ((ref, twin), (stock, model), (ours, compiled)):
+            for name, g in lora_grads(m, inputs).items():
+                acc.setdefault(name, []).append(g.flatten())
+    report = fxfuse.last_report()
     assert ours.keys() == ref.keys() and len(ref) == layers * len(TARGETS) * 2
     for name in ref:
-        assert_exact(name, ours[name], ref[name], stock[name], max_factor=None)
-    return fxfuse.last_report()
+        assert_exact(name, torch.cat(ours[name]), torch.cat(ref[name]), torch.cat(stock[name]), max_factor=None)
+    return report

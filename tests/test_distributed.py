@@ -1,8 +1,8 @@
 """fxfuse under DistributedDataParallel, on CPU with two gloo processes (the interpreter runs the kernels).
 
 Dynamo's DDPOptimizer splits the model's graph at gradient-bucket boundaries and compiles each piece
-with the backend; the patterns must fire inside every piece, and the all-reduced gradients must equal
-the single-process ones.
+with the backend; the patterns must fire inside every piece (or say why not), and the all-reduced
+gradients must meet the exactness criterion (benchmarks/ddp.py does the same on NCCL).
 """
 import os
 import tempfile
@@ -13,10 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fxfuse
+from fxfuse.testing import assert_exact
 from qlora_llama import batch, build, lora_grads
 
 LAYERS = 2
 OPTIONS = {"inner": "eager"}
+SEEDS, T = (1, 2, 3), 96
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -31,10 +33,13 @@ def _worker(rank, world, init_file, out_dir):
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
         fxfuse.last_report().graphs.clear()
         compiled = torch.compile(ddp, backend="fxfuse", options=OPTIONS)
-        grads = lora_grads(compiled, batch(seed=1, t=40))  # the same batch on both ranks
+        # The same batches on both ranks: the all-reduced average is then each rank's own gradient.
+        grads = [{k.removeprefix("module."): v for k, v in lora_grads(compiled, batch(seed=s, t=T)).items()}
+                 for s in SEEDS]
         rep = fxfuse.last_report()
-        torch.save({"grads": {k.removeprefix("module."): v for k, v in grads.items()},
-                    "counts": rep.counts(), "graphs": len(rep.graphs)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"grads": grads,
+                    "counts": rep.counts(), "graphs": len(rep.graphs),
+                    "declines": [(d.pattern, d.reason) for d in rep.declines]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -45,14 +50,27 @@ def test_ddp_patterns_fire_in_every_piece_and_gradients_match_single_process():
     init_file = os.path.join(out_dir, "init")
     mp.spawn(_worker, args=(2, init_file, out_dir), nprocs=2, join=True)
 
-    model, _ = build(layers=LAYERS, twin=False)
-    single = lora_grads(torch.compile(model, backend="fxfuse", options=OPTIONS), batch(seed=1, t=40))
+    # The reference: the float64 twin, and the stock bf16 model for the error bound, on the same
+    # batches. (DDP's pieces are not the single-process graph: a bucket boundary inside a LoRA layer
+    # leaves that layer to the stock path, so the two are held to the exactness criterion, pooled over
+    # the batches as in qlora_llama.check_compiled_gradients, rather than to equality.)
+    model, twin = build(layers=LAYERS)
+    ref, stock = {}, {}
+    for s in SEEDS:
+        for acc, m in ((ref, twin), (stock, model)):
+            for name, g in lora_grads(m, batch(seed=s, t=T)).items():
+                acc.setdefault(name, []).append(g.flatten())
     for rank in range(2):
         res = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
         assert res["graphs"] > 1, "DDPOptimizer did not split the graph: the test would prove nothing"
         print(f"rank {rank}: {res['graphs']} graph pieces")
-        assert res["counts"] == {"rms_norm": 2 * LAYERS + 1}, res["counts"]
-        assert res["grads"].keys() == single.keys()
-        for name, g in single.items():
-            # Both ranks saw the same batch: the average of two equal fp32 gradients is exact.
-            assert torch.equal(res["grads"][name], g), name
+        assert res["counts"]["rms_norm"] == 2 * LAYERS + 1, res["counts"]
+        # A bucket boundary can fall inside a LoRA layer (between its 4-bit linear and its adapter):
+        # that layer keeps the stock path, and explain() says so. Every other one fires.
+        unmatched = [r for p, r in res["declines"] if p == "nf4_lora" and "4-bit linear outside" in r]
+        assert res["counts"]["nf4_lora"] >= 7 * LAYERS // 2, res
+        assert res["counts"]["nf4_lora"] + len(unmatched) == 7 * LAYERS, res
+        assert res["grads"][0].keys() == ref.keys()
+        for name in ref:
+            ours = torch.cat([g[name].flatten() for g in res["grads"]])
+            assert_exact(name, ours, torch.cat(ref[name]), torch.cat(stock[name]), max_factor=None)

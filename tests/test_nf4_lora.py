@@ -11,7 +11,7 @@ from fxfuse.testing import assert_exact
 
 from qlora_llama import batch, build, check_compiled_gradients
 
-ENABLE = {"enable": ["nf4_lora"]}
+ENABLE = {}  # on by default
 ODD = dict(hidden_size=72, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -44,7 +44,7 @@ def _stock(mod, x):
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "sq"])
 @pytest.mark.parametrize("proj", ["mlp.gate_proj", "mlp.down_proj", "self_attn.k_proj"])
 @pytest.mark.parametrize("shape", ["llama", "odd"])
-def test_op_is_bit_equal_to_stock_and_exact(proj, double_quant, shape):
+def test_op_is_exact_and_at_least_as_accurate_as_stock(proj, double_quant, shape):
     model, _ = build(layers=1, twin=False, double_quant=double_quant, **(ODD if shape == "odd" else {}))
     mod = model.get_submodule(f"base_model.model.model.layers.0.{proj}")
     in_f = mod.base_layer.weight.quant_state.shape[1]
@@ -59,18 +59,17 @@ def test_op_is_bit_equal_to_stock_and_exact(proj, double_quant, shape):
 
     ours = nf4_lora_linear(x, *_op_args(mod))
     o_dx, o_da, o_db = torch.autograd.grad(ours, (x, a, b), dy)
-    # Same roundings as the stock path, in the same order: bit-equal.
-    assert torch.equal(ours, stock) and torch.equal(o_dx, s_dx)
-    assert torch.equal(o_da, s_da) and torch.equal(o_db, s_db)
-
     # And exact against float64 (criterion of fxfuse.testing).
     w64 = dequantize_params4bit(mod.base_layer.weight).double()
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
     y64 = x64 @ w64.t() + (x64 @ a64.t()) @ b64.t() * mod.scaling["default"]
     r_dx, r_da, r_db = torch.autograd.grad(y64, (x64, a64, b64), dy.double())
-    assert_exact("y", ours, y64, stock)
+    # One rounding of y and of dx where stock rounds three and two times: never less accurate.
+    errors = [assert_exact("y", ours, y64, stock)]
     for name, o, r, s in (("dx", o_dx, r_dx, s_dx), ("dA", o_da, r_da, s_da), ("dB", o_db, r_db, s_db)):
-        assert_exact(name, o, r, s)
+        errors.append(assert_exact(name, o, r, s))
+    for e in errors[:2]:
+        assert e["rms"] <= e["stock_rms"], e
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
@@ -80,11 +79,112 @@ def test_pattern_fires_on_every_adapter_and_gradients_are_exact(checkpointing):
     assert "layers.1.mlp.down_proj" in report.where("nf4_lora")
 
 
-def test_off_by_default_and_said_so():
+def test_dynamic_shapes_one_graph_for_every_length():
+    report = check_compiled_gradients(False, ENABLE, layers=1, seeds=(1,), dynamic=True)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7}, str(report)
+
+
+def test_projections_sharing_their_input_are_grouped():
     model, _ = build(layers=1, twin=False)
     rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
-    assert "nf4_lora" not in rep.counts()
-    assert "off by default" in str(rep) and "nf4_lora" in str(rep)
+    assert rep.counts()["nf4_lora"] == 7
+    assert rep.post_passes == [
+        "nf4_lora: grouped q_proj+k_proj+v_proj at layers.0.self_attn (one read of x, one GEMM)",
+        "nf4_lora: grouped gate_proj+up_proj at layers.0.mlp (one read of x, one GEMM)"], str(rep)
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager", "disable": ["nf4_lora"]})
+    assert "nf4_lora" not in rep.counts() and "nf4_lora" in str(rep)
+
+
+def _float64_group(mods, x, dys):
+    """The float64 reference of several PEFT 4-bit LoRA modules on the same x, and its gradients."""
+    x64 = x.detach().double().requires_grad_()
+    leaves, outs = [x64], []
+    for mod in mods:
+        w64 = dequantize_params4bit(mod.base_layer.weight).double()
+        a64, b64 = (t.detach().double().requires_grad_() for t in (mod.lora_A.default.weight, mod.lora_B.default.weight))
+        leaves += [a64, b64]
+        outs.append(x64 @ w64.t() + (x64 @ a64.t()) @ b64.t() * mod.scaling["default"])
+    return outs, torch.autograd.grad(outs, leaves, [d.double() for d in dys])
+
+
+@pytest.mark.parametrize("group", ["qkv", "gate_up"])
+def test_grouped_op_is_exact(group):
+    from fxfuse.ops.nf4_lora import lora_linear_group
+    model, _ = build(layers=1, twin=False, **ODD)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] if group == "qkv" else \
+        ["mlp.gate_proj", "mlp.up_proj"]
+    mods = [model.get_submodule(f"base_model.model.model.layers.0.{n}") for n in names]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 19, 72, generator=g).to(torch.bfloat16).requires_grad_()
+    leaves = [x] + [t for m in mods for t in (m.lora_A.default.weight, m.lora_B.default.weight)]
+    stock = [_stock(m, x) for m in mods]
+    dys = [torch.randn(s.shape, generator=g).to(torch.bfloat16) for s in stock]
+    s_grads = torch.autograd.grad(stock, leaves, dys)
+    args = [_op_args(m) for m in mods]
+    col = lambda i: [a[i] for a in args]  # noqa: E731
+    sizes = col(9)
+    y = lora_linear_group(x, col(0), col(1), col(2), col(3), col(4), col(5), col(6), None, args[0][7], "nf4", sizes,
+                          72, 64, args[0][12])
+    ours = list(torch.split(y, sizes, dim=-1))
+    o_grads = torch.autograd.grad(ours, leaves, dys)
+    refs, r_grads = _float64_group(mods, x, dys)
+    for i, name in enumerate(names):
+        assert_exact(f"{name} y", ours[i], refs[i], stock[i])
+    for i, (o, r, s) in enumerate(zip(o_grads, r_grads, s_grads)):
+        assert_exact(f"grad {i}", o, r, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("base", ["nf4-bias", "plain", "plain-bias"])
+def test_op_variants_are_exact(dtype, base):
+    """fp16 compute, a base bias, and LoRA on a plain (unquantized) base: against float64 and the
+    stock composition (base linear with its bias, PEFT's fp32 adapter path, the add)."""
+    import bitsandbytes.functional as bnbf
+    from fxfuse.ops.nf4_lora import lora_linear_group
+    g = torch.Generator().manual_seed(11)
+    out_f, in_f, r, s = 200, 128, 8, 0.5
+    w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(dtype)
+    bias = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if "bias" in base else None
+    a = (torch.randn(r, in_f, generator=g) * 0.05).requires_grad_()
+    b = (torch.randn(out_f, r, generator=g) * 0.05).requires_grad_()
+    x = torch.randn(37, in_f, generator=g).to(dtype).requires_grad_()
+    if base.startswith("nf4"):
+        q, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        w = bnbf.dequantize_4bit(q, st)
+        quant = ([q], [st.absmax], [st.state2.absmax], [st.state2.code], [st.offset], "nf4", st.state2.blocksize)
+    else:
+        quant = ([w], [None], [None], [None], [None], "none", 0)
+    ours = lora_linear_group(x, *quant[:5], [a], [b], bias, s, quant[5], [out_f], in_f, 64, quant[6])
+    result = torch.nn.functional.linear(x, w, bias)
+    stock = result + (torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * s).to(dtype)
+    dy = torch.randn(stock.shape, generator=g).to(dtype)
+    o_g, s_g = torch.autograd.grad(ours, (x, a, b), dy), torch.autograd.grad(stock, (x, a, b), dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ w.double().t() + (x64 @ a64.t()) @ b64.t() * s + (bias.double() if bias is not None else 0)
+    r_g = torch.autograd.grad(y64, (x64, a64, b64), dy.double())
+    assert_exact("y", ours, y64, stock)
+    for name, o, rr, st_ in zip(("dx", "dA", "dB"), o_g, r_g, s_g):
+        assert_exact(name, o, rr, st_)
+
+
+def test_dora_and_several_adapters_are_declined_with_the_reason():
+    model, _ = build(layers=1, twin=False, lora_kwargs={"use_dora": True})
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    assert "nf4_lora" not in rep.counts(), str(rep)
+    # DoRA breaks the graph (42 pieces here), so not every 4-bit linear reaches a graph; each one
+    # that does is declined by name.
+    reasons = [d.reason for d in rep.declines if d.pattern == "nf4_lora"]
+    assert reasons and all("DoRA" in r for r in reasons), str(rep)
+
+    from peft import LoraConfig
+    model, _ = build(layers=1, twin=False)
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    # q_proj carries two active adapters: its region is more than one LoRA path, so it is declined;
+    # the six single-adapter projections still fire.
+    assert rep.counts()["nf4_lora"] == 6, str(rep)
+    assert any(d.pattern == "nf4_lora" and "q_proj" in d.where for d in rep.declines), str(rep)
 
 
 def test_fp4_base_is_supported():
@@ -118,7 +218,10 @@ def test_quantization_state_is_read_from_the_graph():
 
 def test_ops_opcheck():
     model, _ = build(layers=1, twin=False, **ODD)
-    mod = model.get_submodule("base_model.model.model.layers.0.mlp.down_proj")
-    x = torch.randn(2, 5, 200, dtype=torch.bfloat16, requires_grad=True)
-    args = (x, *_op_args(mod))
-    torch.library.opcheck(torch.ops.fxfuse.nf4_lora_linear.default, args)
+    mods = [model.get_submodule(f"base_model.model.model.layers.0.mlp.{n}") for n in ("gate_proj", "up_proj")]
+    x = torch.randn(2, 5, 72, dtype=torch.bfloat16, requires_grad=True)
+    args = [_op_args(m) for m in mods]
+    col = lambda i: [a[i] for a in args]  # noqa: E731
+    for k in (1, 2):  # one projection, and a group of two
+        op_args = (x, *[col(i)[:k] for i in range(7)], None, args[0][7], "nf4", col(9)[:k], 72, 64, args[0][12])
+        torch.library.opcheck(torch.ops.fxfuse.lora_linear.default, op_args)

@@ -1,10 +1,10 @@
-"""What every fxfuse Triton kernel shares: the interpreter switch and stock-exact rounding."""
+"""What every fxfuse Triton kernel shares: the interpreter switch and stock-exact rounding and division."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["interpreted", "round_to"]
+__all__ = ["interpreted", "round_to", "div_rn"]
 
 
 @triton.jit
@@ -36,3 +36,13 @@ def round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def div_rn(a, b, ACC: tl.constexpr):
+    """a / b rounded to nearest, as torch divides. Triton's fp32 `/` is approximate on NVIDIA GPUs
+    (div.full); tl.math.div_rn is the IEEE one but takes fp32 only, and fp64 `/` is already IEEE."""
+    if ACC == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreted, round_to
+from .common import div_rn, interpreted, round_to
 
 __all__ = ["MAX_HIDDEN", "rms_norm_forward", "rms_norm_backward"]
 
@@ -81,15 +81,6 @@ _BWD_PROGRAMS_INTERPRETED = 3
 # Column-block and row-block of the dw partial reduction.
 _DW_BLOCK_C = 32
 _DW_BLOCK_R = 64
-
-
-@triton.jit
-def _div_rn(a, b, ACC: tl.constexpr):
-    # tl.math.div_rn is fp32-only; fp64 division is already IEEE round-to-nearest in Triton.
-    if ACC == tl.float64:
-        return a / b
-    else:
-        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -183,7 +174,7 @@ def _rms_norm_bwd_kernel(
             # rounding instead of drifting by an equally accurate but different one.
             g = round_to(g, DX.dtype.element_ty, SOFT_BF16).to(ACC)
         # d/dx of w * x * rstd(x): rstd * (g - xhat * mean(g * xhat)); eps is inside rstd.
-        c = _div_rn(tl.sum(g * xhat, axis=1), N * 1.0, ACC)
+        c = div_rn(tl.sum(g * xhat, axis=1), N * 1.0, ACC)
         dx = rstd[:, None] * (g - xhat * c[:, None])
         tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
 

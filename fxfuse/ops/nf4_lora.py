@@ -1,13 +1,24 @@
-"""LoRA on a bitsandbytes NF4 base as custom ops: `fxfuse::nf4_lora_linear` and its backward.
+"""LoRA on a frozen base (NF4, FP4 or plain bf16/fp16) as custom ops: `fxfuse::lora_linear` and its backward.
 
-    y = x @ dequant(W)^T + ((x @ A^T) @ B^T * scaling).to(x.dtype)
+One call computes one projection, or a group of projections that read the same x (q/k/v, gate/up):
 
-with the stock path's roundings: the base product in x.dtype, the adapter product in the adapter
-dtype (fp32 under PEFT's defaults), rounded once to x.dtype, then the sum rounded once. The
-backward dequantizes W again rather than keeping it: only x and the rank-r product x @ A^T are saved.
+    y[:, group g] = x @ W_g^T + bias_g + ((x @ A_g^T) @ B_g^T * s).to(x.dtype)
 
-This first implementation composes the Triton NF4 dequantization (bit-identical to bitsandbytes)
-with torch GEMMs; it is exact and it is the contract that fused kernels must keep.
+Forward: the 4-bit weights are dequantized (Triton, bit-identical to bitsandbytes) into one
+buffer [sum N_g, K]; xa = x @ A_cat^T ([M, sum r_g], fp32) in one read of x; the adapter term
+(fp32, plus the bias) is written once in x.dtype and cuBLAS adds the frozen product to it in its
+fp32 epilogue (addmm), so y is rounded once where PEFT rounds three times. Saved for backward:
+x and xa. No fp32 copy of x, no dequantized weight kept.
+
+Backward (all rank-r intermediates in fp32, kernels in `kernels/lora_matmul.py`):
+    dxa = s * dy @ blockdiag(B_g)          [M, sum r]
+    dB  = s * dy^T @ xa    (diagonal blocks)
+    dA  = dxa^T @ x        (row blocks)
+    dx  = dy @ W_cat + dxa @ A_cat          (W dequantized again; dxa @ A_cat in addmm's epilogue)
+
+Stock PEFT rounds the adapter term to x.dtype, the frozen product, and their sum (and in the
+backward the two dx terms) separately; here each output is rounded once, so it is at least as
+accurate (tests/test_nf4_lora.py measures both against float64).
 """
 from __future__ import annotations
 
@@ -16,87 +27,145 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels.lora_matmul import MAX_RANK, lora_outer, rank_r_project, rank_r_weight_grad
 from ..kernels.nf4 import dequantize_4bit
 
-__all__ = ["nf4_lora_linear"]
+__all__ = ["nf4_lora_linear", "lora_linear_group", "MAX_GROUP_RANK"]
+
+# The sum of the ranks of a group: the rank-r kernels' tile limit.
+MAX_GROUP_RANK = MAX_RANK
 
 
-def _weight(packed, absmax, s2_absmax, s2_code, offset, quant_type, out_features, in_features, blocksize,
-            blocksize2, dtype):
-    nested = None if s2_absmax is None else (s2_absmax, s2_code, offset, blocksize2)
-    return dequantize_4bit(packed.view(torch.uint8).reshape(-1), absmax, (out_features, in_features), dtype,
-                           quant_type=quant_type, blocksize=blocksize, nested=nested)
+def _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features, blocksize,
+                   blocksize2, dtype):
+    """The frozen weights of the group, stacked: [sum N_g, K] in `dtype`."""
+    if quant_type == "none":
+        return weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    w = torch.empty((sum(out_features), in_features), dtype=dtype, device=weights[0].device)
+    row = 0
+    for i, n in enumerate(out_features):
+        nested = None if absmax2[i] is None else (absmax2[i], code2[i], offset[i], blocksize2)
+        dequantize_4bit(weights[i].view(torch.uint8).reshape(-1), absmax[i], (n, in_features), dtype,
+                        quant_type=quant_type, blocksize=blocksize, nested=nested, out=w[row:row + n])
+        row += n
+    return w
 
 
-@torch.library.custom_op("fxfuse::nf4_lora_linear", mutates_args=())
-def nf4_lora_linear_op(x: Tensor, packed: Tensor, absmax: Tensor, s2_absmax: Optional[Tensor],
-                       s2_code: Optional[Tensor], offset: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                       scaling: float, quant_type: str, out_features: int, in_features: int, blocksize: int,
-                       blocksize2: int) -> tuple[Tensor, Tensor]:
-    w = _weight(packed, absmax, s2_absmax, s2_code, offset, quant_type, out_features, in_features, blocksize,
-                blocksize2, x.dtype)
-    base = torch.nn.functional.linear(x, w)
-    xa = torch.nn.functional.linear(x.to(lora_A.dtype), lora_A)
-    lora = (torch.nn.functional.linear(xa, lora_B) * scaling).to(x.dtype)
-    return base + lora, xa
+def _block_diag(mats):
+    return mats[0] if len(mats) == 1 else torch.block_diag(*mats)
 
 
-@nf4_lora_linear_op.register_fake
-def _(x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, scaling, quant_type, out_features, in_features,
-      blocksize, blocksize2):
-    return (x.new_empty(*x.shape[:-1], out_features),
-            x.new_empty(*x.shape[:-1], lora_A.shape[0], dtype=lora_A.dtype))
+def _cat(mats):
+    return mats[0] if len(mats) == 1 else torch.cat(mats, 0)
 
 
-@torch.library.custom_op("fxfuse::nf4_lora_linear_backward", mutates_args=())
-def nf4_lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, packed: Tensor, absmax: Tensor,
-                                s2_absmax: Optional[Tensor], s2_code: Optional[Tensor], offset: Optional[Tensor],
-                                lora_A: Tensor, lora_B: Tensor, scaling: float, quant_type: str,
-                                out_features: int, in_features: int, blocksize: int, blocksize2: int,
-                                need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    d_up = dy.to(lora_B.dtype) * scaling  # grad of (xa @ B^T) * s, in the adapter dtype
-    d_up2 = d_up.reshape(-1, out_features)
-    d_lora_B = d_up2.t() @ xa.reshape(-1, xa.shape[-1])
-    d_xa = d_up @ lora_B  # [.., r]: the intermediates stay rank r
-    d_lora_A = d_xa.reshape(-1, d_xa.shape[-1]).t() @ x.reshape(-1, in_features).to(lora_A.dtype)
+@torch.library.custom_op("fxfuse::lora_linear", mutates_args=())
+def lora_linear_op(x: Tensor, weights: list[Tensor], absmax: list[Optional[Tensor]],
+                   absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]], offset: list[Optional[Tensor]],
+                   lora_A: list[Tensor], lora_B: list[Tensor], bias: Optional[Tensor], scaling: float,
+                   quant_type: str, out_features: list[int], in_features: int, blocksize: int,
+                   blocksize2: int) -> tuple[Tensor, Tensor]:
+    x2 = x.reshape(-1, in_features)
+    w = _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features, blocksize,
+                       blocksize2, x.dtype)
+    xa = rank_r_project(x2, _cat(lora_A).t())
+    y = lora_outer(xa, _block_diag(lora_B).t(), scaling, x.dtype, bias=bias)
+    y.addmm_(x2, w.t())
+    return y.view(*x.shape[:-1], y.shape[-1]), xa
+
+
+@lora_linear_op.register_fake
+def _(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type, out_features,
+      in_features, blocksize, blocksize2):
+    m = x.numel() // in_features
+    return (x.new_empty(*x.shape[:-1], sum(out_features)),
+            x.new_empty(m, sum(a.shape[0] for a in lora_A), dtype=torch.float32))
+
+
+@torch.library.custom_op("fxfuse::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Tensor], absmax: list[Optional[Tensor]],
+                            absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]],
+                            offset: list[Optional[Tensor]], lora_A: list[Tensor], lora_B: list[Tensor],
+                            scaling: float, quant_type: str, out_features: list[int], in_features: int,
+                            blocksize: int, blocksize2: int, need_dx: bool
+                            ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    x2 = x.reshape(-1, in_features)
+    dy2 = dy.reshape(-1, sum(out_features))
+    a_cat = _cat(lora_A)
+    dxa = rank_r_project(dy2, _block_diag(lora_B), scaling)
+    db_full = rank_r_weight_grad(dy2, xa, scaling)
+    da_cat = rank_r_weight_grad(x2, dxa, 1.0, transpose=True)
+    d_a, d_b, row, col = [], [], 0, 0
+    for a, n in zip(lora_A, out_features):
+        r = a.shape[0]
+        # Copies (not views) when grouped: a custom op's outputs must not alias each other.
+        d_a.append(da_cat[col:col + r].clone() if len(lora_A) > 1 else da_cat)
+        d_b.append(db_full[row:row + n, col:col + r].clone() if len(lora_A) > 1 else db_full)
+        row, col = row + n, col + r
     if need_dx:
-        w = _weight(packed, absmax, s2_absmax, s2_code, offset, quant_type, out_features, in_features, blocksize,
-                    blocksize2, x.dtype)
-        # Two gradients of x meet here, each already in x.dtype, as autograd sums them in the stock graph.
-        dx = (dy @ w) + (d_xa @ lora_A).to(x.dtype)
+        w = _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features,
+                           blocksize, blocksize2, x.dtype)
+        dx = lora_outer(dxa, a_cat, 1.0, x.dtype)
+        dx.addmm_(dy2, w)
+        dx = dx.view(x.shape)
     else:
         dx = x.new_empty(0)
-    return dx, d_lora_A, d_lora_B
+    return dx, d_a, d_b
 
 
-@nf4_lora_linear_backward_op.register_fake
-def _(dy, x, xa, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, scaling, quant_type, out_features,
+@lora_linear_backward_op.register_fake
+def _(dy, x, xa, weights, absmax, absmax2, code2, offset, lora_A, lora_B, scaling, quant_type, out_features,
       in_features, blocksize, blocksize2, need_dx):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(lora_A), torch.empty_like(lora_B))
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), [torch.empty_like(a) for a in lora_A],
+            [torch.empty_like(b) for b in lora_B])
+
+
+_N_ARGS = 15
 
 
 def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, *consts) = inputs
-    ctx.save_for_backward(x, output[1], packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B)
+    (x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, *consts) = inputs
+    ctx.n = len(weights)
+    # Optional entries (None) cannot be saved: they are kept as a mask and re-inserted.
+    state = [t for group in (weights, absmax, absmax2, code2, offset) for t in group]
+    ctx.present = [t is not None for t in state]
+    ctx.save_for_backward(x, output[1], *[t for t in state if t is not None], *lora_A, *lora_B)
     ctx.consts = tuple(consts)  # scaling, quant_type, out_features, in_features, blocksize, blocksize2
 
 
 def _backward(ctx, dy, _dxa):
-    x, xa, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B = ctx.saved_tensors
+    saved = list(ctx.saved_tensors)
+    x, xa = saved[:2]
+    rest = iter(saved[2:])
+    state = [next(rest) if p else None for p in ctx.present]
+    n = ctx.n
+    weights, absmax, absmax2, code2, offset = (state[i * n:(i + 1) * n] for i in range(5))
+    lora_A = [next(rest) for _ in range(n)]
+    lora_B = [next(rest) for _ in range(n)]
     need_dx = ctx.needs_input_grad[0]
-    dx, d_a, d_b = torch.ops.fxfuse.nf4_lora_linear_backward(dy, x, xa, packed, absmax, s2_absmax, s2_code, offset,
-                                                             lora_A, lora_B, *ctx.consts, need_dx)
-    grads = [dx if need_dx else None] + [None] * 5 + [
-        d_a if ctx.needs_input_grad[6] else None, d_b if ctx.needs_input_grad[7] else None] + [None] * 6
-    return tuple(grads)
+    dx, d_a, d_b = torch.ops.fxfuse.lora_linear_backward(dy, x, xa, weights, absmax, absmax2, code2, offset, lora_A,
+                                                         lora_B, *ctx.consts, need_dx)
+    # Each tensor-list input takes a list of gradients (None for the frozen state), except a list
+    # holding no tensor at all (e.g. absmax2 without double quantization), which takes None.
+    frozen = [[None] * n if any(t is not None for t in group) else None
+              for group in (weights, absmax, absmax2, code2, offset)]
+    return (dx if need_dx else None, *frozen, d_a, d_b) + (None,) * (_N_ARGS - 8)
 
 
-nf4_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_group(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type,
+                      out_features, in_features, blocksize, blocksize2):
+    """Several LoRA projections of the same x in one call: returns y with the groups' outputs
+    side by side on the last dimension (the caller slices them). quant_type "nf4"/"fp4" (weights
+    packed, absmax... per group) or "none" (weights plain bf16/fp16, the quantization lists None)."""
+    return torch.ops.fxfuse.lora_linear(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling,
+                                        quant_type, out_features, in_features, blocksize, blocksize2)[0]
 
 
 def nf4_lora_linear(x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, scaling, quant_type,
-                    out_features, in_features, blocksize, blocksize2):
+                    out_features, in_features, blocksize, blocksize2, bias=None):
     """PEFT `lora.Linear4bit.forward` (one active adapter, dropout 0) on a 4-bit (NF4 or FP4) base."""
-    return torch.ops.fxfuse.nf4_lora_linear(x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B,
-                                            scaling, quant_type, out_features, in_features, blocksize,
-                                            blocksize2)[0]
+    return lora_linear_group(x, [packed], [absmax], [s2_absmax], [s2_code], [offset], [lora_A], [lora_B], bias,
+                             scaling, quant_type, [out_features], in_features, blocksize, blocksize2)

@@ -1,12 +1,18 @@
-"""Pattern: PEFT `lora.Linear4bit.forward` on a bitsandbytes NF4 base (one adapter, dropout 0)."""
+"""Pattern: PEFT `lora.Linear4bit.forward` on a bitsandbytes NF4/FP4 base (one adapter, dropout 0),
+and its post pass, which merges the projections that read the same input (q/k/v, gate/up) into one
+call: one read of x for the adapters' down-projections, one GEMM over the stacked weights."""
 from __future__ import annotations
 
+import operator
+from collections import defaultdict
+
 import torch
+from torch import fx
 
 from .. import constraints as C
 from ..canonicalize import linear_4bit_info
-from ..matcher import Pattern
-from ..ops.nf4_lora import nf4_lora_linear
+from ..matcher import Pattern, module_path
+from ..ops.nf4_lora import MAX_GROUP_RANK, lora_linear_group, nf4_lora_linear
 from .markers import linear_4bit
 
 
@@ -30,16 +36,31 @@ def _spec(match):
     return linear_4bit_info(match.user_node("linear_4bit"))
 
 
-def _4bit_without_bias(match):
+def _4bit_state(match):
     spec = _spec(match)
     if spec is None:
         return "the 4-bit linear's quantization state could not be read"
     if spec.quant_type not in ("nf4", "fp4"):
         return f"quant_type {spec.quant_type!r}: NF4 and FP4 are supported"
-    if spec.bias is not None:
-        return "the 4-bit base layer has a bias (not supported yet)"
     if len(spec.shape) != 2:
         return f"weight shape {spec.shape} is not 2-D"
+    # The kernel reads bitsandbytes' standard layout: packed bytes [ceil(N*K/2), 1] and an fp32 (or,
+    # double-quantized, uint8) absmax. bitsandbytes' CPU gemm path repacks weights in place (its
+    # `packing_format_for_cpu`, with a bf16 absmax) on AVX512-BF16 CPUs: another layout, declined.
+    w, a = _value(spec.weight), _value(spec.absmax)
+    if not isinstance(w, torch.Tensor) or not isinstance(a, torch.Tensor):
+        return "the packed weight or its absmax has no recorded value"
+    n = spec.shape[0] * spec.shape[1]
+    if w.numel() * w.element_size() != (n + 1) // 2 or (w.dim() == 2 and w.shape[1] != 1):
+        return f"packed weight {tuple(w.shape)} {w.dtype} is not bitsandbytes' standard 4-bit layout"
+    if a.dtype != (torch.uint8 if spec.nested else torch.float32):
+        return f"absmax is {a.dtype}: not bitsandbytes' standard layout (repacked for its CPU kernel?)"
+    if spec.bias is not None:
+        bias = spec.bias.meta.get("example_value")
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (spec.shape[0],):
+            return "the base layer's bias is not a vector of out_features"
+        if bias.requires_grad:
+            return "the base layer's bias is trainable (PEFT bias='all'/'lora_only'): not supported"
 
 
 def _adapter_shapes(match):
@@ -56,7 +77,65 @@ def _arguments(match):
     s2_absmax, s2_code, offset, blocksize2 = spec.nested or (None, None, None, 0)
     return (match.bindings["x"], spec.weight, spec.absmax, s2_absmax, s2_code, offset, match.bindings["lora_A"],
             match.bindings["lora_B"], match.bindings["scaling"], spec.quant_type, spec.shape[0], spec.shape[1],
-            spec.blocksize, blocksize2)
+            spec.blocksize, blocksize2, spec.bias)
+
+
+def _value(node):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def group_shared_input(gm: fx.GraphModule) -> list[str]:
+    """Merge the `nf4_lora_linear` calls that read the same x (and agree on scaling, quantization
+    and bias presence) into one `lora_linear_group` call whose output is split back."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    families = defaultdict(list)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is nf4_lora_linear:
+            (x, _, _, s2, _, _, a, _, scaling, qt, _, in_f, bs, bs2, bias) = n.args
+            a_val = _value(a)
+            if a_val is None:
+                continue
+            families[(x, scaling, qt, in_f, bs, bs2, s2 is None, bias is None, a_val.dtype)].append(n)
+    lines = []
+    for members in families.values():
+        # Greedy chunks within the rank-r kernels' limit on the summed rank.
+        chunks, chunk, rank = [], [], 0
+        for n in members:
+            r = _value(n.args[6]).shape[0]
+            if chunk and rank + r > MAX_GROUP_RANK:
+                chunks.append(chunk)
+                chunk, rank = [], 0
+            chunk.append(n)
+            rank += r
+        chunks.append(chunk)
+        for chunk in chunks:
+            if len(chunk) < 2:
+                continue
+            first = min(chunk, key=order.__getitem__)
+            inputs = [a for n in chunk for a in n.all_input_nodes]
+            if any(order[a] > order[first] for a in inputs):
+                continue  # an input is computed after the first member: leave them apart
+            args = [n.args for n in chunk]
+            col = lambda i: [a[i] for a in args]  # noqa: E731
+            with graph.inserting_before(first):
+                bias = None
+                if args[0][14] is not None:
+                    bias = graph.call_function(torch.cat, (col(14),))
+                sizes = col(10)
+                grouped = graph.call_function(lora_linear_group, (
+                    args[0][0], col(1), col(2), col(3), col(4), col(5), col(6), col(7), bias, args[0][8],
+                    args[0][9], sizes, args[0][11], args[0][12], args[0][13]))
+                pieces = graph.call_function(torch.split, (grouped, sizes), {"dim": -1})
+                for i, n in enumerate(chunk):
+                    piece = graph.call_function(operator.getitem, (pieces, i))
+                    piece.meta.update(n.meta)
+                    n.replace_all_uses_with(piece)
+            for n in chunk:
+                graph.erase_node(n)
+            names = "+".join(module_path(n).rsplit(".", 1)[-1] for n in chunk)
+            lines.append(f"grouped {names} at {module_path(first).rsplit('.', 1)[0]} (one read of x, one GEMM)")
+    return lines
 
 
 PATTERN = Pattern(
@@ -67,12 +146,17 @@ PATTERN = Pattern(
     example_inputs=_examples,
     scalars=("scaling",),
     arguments=_arguments,
-    # Exact, but not yet faster than the stock path: it runs when asked for
-    # (options={"enable": ["nf4_lora"]}) until the fused kernels land.
-    enabled_by_default=False,
+    post_pass=group_shared_input,
+    anchor="linear_4bit",
+    anchor_reason=("a bitsandbytes 4-bit linear outside PEFT's plain LoRA form (DoRA, several active "
+                   "adapters, no adapter, or a graph break inside the layer): stock path"),
     constraints=(
-        _4bit_without_bias,
-        C.dtype_in("x", (torch.bfloat16, torch.float16)),
+        _4bit_state,
+        # bf16 only: bitsandbytes dequantizes to the weight's stored dtype and then casts to the
+        # compute dtype; the graph does not carry the stored dtype, and with fp16 compute over a bf16
+        # checkpoint that double rounding differs from dequantizing straight to fp16. (The op itself
+        # is exact in fp16 when the two agree: tests/test_nf4_lora.py.)
+        C.dtype_in("x", (torch.bfloat16,)),
         C.dtype_in("lora_A", (torch.float32,)),
         C.same_dtype("lora_A", "lora_B"),
         C.triton_device("x", "lora_A", "lora_B"),

@@ -1,0 +1,303 @@
+"""The rank-r products of LoRA on a frozen base, in Triton, in fp32 without fp32 copies of x or dy.
+
+A LoRA linear is y = x @ W^T + s * (x @ A^T) @ B^T, with W frozen [N, K] (here a dequantized NF4
+weight), A [r, K] and B [N, r] trainable in fp32, r small (8 to 128). PEFT runs the adapter path
+in fp32: it makes an fp32 copy of x (kept for backward), an fp32 copy of dy and an fp32 [M, K]
+gradient. The kernels here compute every adapter product from x and dy as they lie (bf16/fp16),
+and only rank-r tensors (or one low-precision [M, N] term) come out:
+
+    rank_r_project(p, q, scale)           out[M, r] = scale * (p @ q)
+        xa  = x @ A^T               (scale 1)
+        dxa = s * (dy @ B)
+    rank_r_weight_grad(p, low, scale)     out[n, j] = scale * sum_m p[m, n] * low[m, j]
+        dB  = s * dy^T @ xa         [N, r]
+        dA  = (x^T @ dxa)^T         [r, K]   (transpose=True)
+    lora_outer(low, right, scale, dtype)  out[M, N] = (scale * (low @ right) + bias).to(dtype)
+        the adapter term of y (xa, B^T, s) and of dx (dxa, A, 1), to which the caller adds the
+        frozen product inside cuBLAS's fp32 epilogue (torch.addmm), so the sum is rounded once.
+
+Precision. dA and dB are fp32 results, and PEFT computes them with fp32 GEMMs (cuBLAS SGEMM: IEEE
+FMAs). Tensor-core products cannot match that here, even with fp32 operands split exactly into
+three bf16 parts: on the H200 the MMA pipeline keeps fewer than fp32's bits while it accumulates
+(measured: x @ A^T at K=4096 came out 4x less accurate than SGEMM through cuBLAS's bf16 GEMM,
+27x through Triton's). So the two reductions use CUDA-core FMAs: a [BLOCK, BLOCK, r] tile of
+exact fp32 products accumulated per lane across the loop, the lanes summed once at the end by
+tl.sum (a tree): at least SGEMM's accuracy (measured 0.4x its error for dA, dB). lora_outer's
+result is rounded to bf16/fp16, far above any of those errors, so it uses tensor cores on a
+two-part split of each operand (hi*hi + hi*lo + lo*hi: 16 mantissa bits per factor).
+
+The scale is applied to the fp32 result (PEFT scales dy before its GEMM; the two orders differ by
+one fp32 rounding, far below either result's own error). This module knows nothing of NF4 or
+autograd. Interpreted (TRITON_INTERPRET=1), whose bf16 tl.dot is wrong in Triton 3.6, lora_outer
+uses one fp32 dot.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreted, round_to
+
+__all__ = ["rank_r_project", "rank_r_weight_grad", "lora_outer", "MAX_RANK"]
+
+# Rank tiles are [*, RANK_P], RANK_P the next power of two >= max(r, 16) (tl.dot needs 16).
+MAX_RANK = 128
+
+
+@triton.jit
+def _split2(v):
+    """Two bf16 tensors hi, lo with hi + lo = v to 16 mantissa bits (v fp32)."""
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _split3(v):
+    """Three bf16 tensors whose fp32 sum is exactly v (fp32): 24 mantissa bits = 3 x 8."""
+    v1 = v.to(tl.bfloat16)
+    rest = v - v1.to(tl.float32)  # exact; at most 16 significant bits remain
+    v2 = rest.to(tl.bfloat16)
+    v3 = (rest - v2.to(tl.float32)).to(tl.bfloat16)  # at most 8 significant bits: exact in bf16
+    return v1, v2, v3
+
+
+@triton.jit
+def _block_dot_exact(a, b, FP32_DOT: tl.constexpr, A_BF16: tl.constexpr):
+    """a @ b for one block, a bf16/fp16 [X, BK], b fp32 [BK, Y]: exact products, fp32 sums.
+
+    A fresh accumulator per block (the caller adds it to its running fp32 sum): chained through a
+    whole reduction, the MMA accumulator loses bits (see the module docstring)."""
+    if FP32_DOT:
+        part = tl.dot(a.to(tl.float32), b, input_precision="ieee")
+    else:
+        b1, b2, b3 = _split3(b)
+        if A_BF16:
+            part = tl.dot(a, b3)
+            part = tl.dot(a, b2, part)
+            part = tl.dot(a, b1, part)
+        else:
+            # fp16 has 11 mantissa bits: two bf16 parts hold it exactly.
+            a1, a2 = _split2(a.to(tl.float32))
+            part = tl.dot(a2, b3)
+            part = tl.dot(a2, b2, part)
+            part = tl.dot(a1, b3, part)
+            part = tl.dot(a2, b1, part)
+            part = tl.dot(a1, b2, part)
+            part = tl.dot(a1, b1, part)
+    return part
+
+
+@triton.jit
+def _rank_r_project_kernel(
+    P, Q, OUT, M, K, RANK, K_PER_SPLIT,
+    stride_pm, stride_pk, stride_qk, stride_qr, stride_os, stride_om, stride_or,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
+    FP32_DOT: tl.constexpr, P_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, RANK_P)
+    m_mask = offs_m < M
+    r_mask = offs_r < RANK
+    rows = offs_m.to(tl.int64)
+    k_start = pid_s * K_PER_SPLIT
+    k_end = min(K, k_start + K_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, RANK_P), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        p = tl.load(P + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        q = tl.load(Q + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += _block_dot_exact(p, q, FP32_DOT, P_BF16)
+    tl.store(OUT + pid_s * stride_os + rows[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
+             mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _rank_r_weight_grad_kernel(
+    P, L, OUT, M, N, RANK, M_PER_SPLIT,
+    stride_pm, stride_pn, stride_lm, stride_lr, stride_os, stride_on, stride_or,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P: tl.constexpr,
+    FP32_DOT: tl.constexpr, P_BF16: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RANK_P)
+    n_mask = offs_n < N
+    r_mask = offs_r < RANK
+    acc = tl.zeros((BLOCK_N, RANK_P), dtype=tl.float32)
+    m_start = pid_s * M_PER_SPLIT
+    m_end = min(M, m_start + M_PER_SPLIT)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        rows = offs_m.to(tl.int64)
+        p = tl.load(P + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        low = tl.load(L + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += _block_dot_exact(tl.trans(p), low, FP32_DOT, P_BF16)
+    tl.store(OUT + pid_s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or, acc * scale,
+             mask=n_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lora_outer_kernel(
+    L, R, BIAS, OUT, M, N, RANK,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RANK_P)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    r_mask = offs_r < RANK
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    low = tl.load(L + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    right = tl.load(R + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    if FP32_DOT:
+        acc = tl.dot(low, right, input_precision="ieee")
+    else:
+        l_hi, l_lo = _split2(low)
+        r_hi, r_lo = _split2(right)
+        acc = tl.dot(l_lo, r_hi)
+        acc = tl.dot(l_hi, r_lo, acc)
+        acc = tl.dot(l_hi, r_hi, acc)
+    acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = round_to(acc, OUT.dtype.element_ty, SOFT_BF16)
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, out,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+
+def _rank_p(rank: int) -> int:
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"LoRA rank {rank} not supported (1 to {MAX_RANK})")
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_type: str, index) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                                ).multi_processor_count
+    return 4
+
+
+def _check(name: str, p: torch.Tensor, fp32: torch.Tensor) -> None:
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: the activation operand must be bf16 or fp16, got {p.dtype}")
+    if fp32.dtype != torch.float32:
+        raise ValueError(f"{name}: the adapter operand must be fp32, got {fp32.dtype}")
+    if p.device != fp32.device:
+        raise ValueError(f"{name}: operands on {p.device} and {fp32.device}")
+
+
+def rank_r_project(p: torch.Tensor, q: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """out[M, r] = scale * (p @ q) in fp32. p [M, K] bf16/fp16; q [K, r] fp32; any strides."""
+    _check("rank_r_project", p, q)
+    M, K = p.shape
+    r = q.shape[1]
+    if q.shape[0] != K:
+        raise ValueError(f"rank_r_project: p {tuple(p.shape)} and q {tuple(q.shape)} do not chain")
+    rank_p = _rank_p(r)
+    interp = interpreted()
+    block_m, block_k = (16, 32) if interp else (64, 128)
+    m_tiles = triton.cdiv(M, block_m)
+    # Split the reduction until the SMs are covered twice; the fp32 partials are added below in a
+    # fixed order (deterministic).
+    split = max(1, min(triton.cdiv(max(K, 1), block_k), triton.cdiv(2 * _sm_count(p.device), m_tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), block_k) * block_k
+    partial = torch.empty((split, M, r), dtype=torch.float32, device=p.device)
+    if M == 0:
+        return partial[0]
+    _rank_r_project_kernel[(m_tiles, split)](
+        p, q, partial, M, K, r, k_per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2), float(scale),
+        BLOCK_M=block_m, BLOCK_K=block_k, RANK_P=rank_p, FP32_DOT=interp, P_BF16=p.dtype == torch.bfloat16,
+        num_warps=4)
+    return partial[0] if split == 1 else partial.sum(0)
+
+
+def rank_r_weight_grad(p: torch.Tensor, low: torch.Tensor, scale: float = 1.0, transpose: bool = False
+                       ) -> torch.Tensor:
+    """out[n, j] = scale * sum_m p[m, n] * low[m, j], fp32.
+
+    p [M, N] bf16/fp16, low [M, r] fp32. Returns [N, r], or with transpose=True its transpose
+    [r, N] (contiguous: dA's layout).
+    """
+    _check("rank_r_weight_grad", p, low)
+    M, N = p.shape
+    r = low.shape[1]
+    if low.shape[0] != M:
+        raise ValueError(f"rank_r_weight_grad: p {tuple(p.shape)} and low {tuple(low.shape)} do not chain")
+    rank_p = _rank_p(r)
+    interp = interpreted()
+    block_n, block_m = (32, 32) if interp else (64, 128)
+    n_tiles = triton.cdiv(N, block_n)
+    # Enough programs to cover the SMs twice: each sums its share of the tokens into its own fp32
+    # partial, and the partials are added below in a fixed order (deterministic).
+    split = max(1, min(triton.cdiv(max(M, 1), block_m), triton.cdiv(2 * _sm_count(p.device), n_tiles)))
+    m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), block_m) * block_m
+    partial = torch.empty((split, r, N) if transpose else (split, N, r), dtype=torch.float32, device=p.device)
+    s_on, s_or = (partial.stride(2), partial.stride(1)) if transpose else (partial.stride(1), partial.stride(2))
+    if N == 0:
+        return partial[0]
+    _rank_r_weight_grad_kernel[(n_tiles, split)](
+        p, low, partial, M, N, r, m_per_split,
+        p.stride(0), p.stride(1), low.stride(0), low.stride(1), partial.stride(0), s_on, s_or,
+        float(scale), BLOCK_M=block_m, BLOCK_N=block_n, RANK_P=rank_p, FP32_DOT=interp,
+        P_BF16=p.dtype == torch.bfloat16, num_warps=4)
+    return partial[0] if split == 1 else partial.sum(0)
+
+
+def lora_outer(low: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[M, N] = (scale * (low @ right) + bias).to(dtype): low [M, r], right [r, N] fp32, any
+    strides; bias [N] (any float dtype, contiguous) or None. Computed in fp32, rounded once."""
+    if low.dtype != torch.float32 or right.dtype != torch.float32:
+        raise ValueError(f"lora_outer: operands must be fp32, got {low.dtype} and {right.dtype}")
+    M, r = low.shape
+    if right.shape[0] != r:
+        raise ValueError(f"lora_outer: low {tuple(low.shape)} and right {tuple(right.shape)} do not chain")
+    N = right.shape[1]
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
+        raise ValueError(f"lora_outer: bias must be a contiguous [{N}] tensor, got {tuple(bias.shape)}")
+    out = torch.empty((M, N), dtype=dtype, device=low.device)
+    if M == 0 or N == 0:
+        return out
+    interp = interpreted()
+    block_m, block_n = (16, 32) if interp else (64, 128)
+    _lora_outer_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        low, right, bias if bias is not None else out, out, M, N, r,
+        low.stride(0), low.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+        float(scale), BLOCK_M=block_m, BLOCK_N=block_n, RANK_P=_rank_p(r), HAS_BIAS=bias is not None,
+        FP32_DOT=interp, SOFT_BF16=interp, num_warps=4)
+    return out
