@@ -17,19 +17,22 @@ and only rank-r tensors (or one low-precision [M, N] term) come out:
         frozen product inside cuBLAS's fp32 epilogue (torch.addmm), so the sum is rounded once.
 
 Precision. dA and dB are fp32 results, and PEFT computes them with fp32 GEMMs (cuBLAS SGEMM: IEEE
-FMAs). Tensor-core products cannot match that here, even with fp32 operands split exactly into
-three bf16 parts: on the H200 the MMA pipeline keeps fewer than fp32's bits while it accumulates
-(measured: x @ A^T at K=4096 came out 4x less accurate than SGEMM through cuBLAS's bf16 GEMM,
-27x through Triton's). So the two reductions use CUDA-core FMAs: a [BLOCK, BLOCK, r] tile of
-exact fp32 products accumulated per lane across the loop, the lanes summed once at the end by
-tl.sum (a tree): at least SGEMM's accuracy (measured 0.4x its error for dA, dB). lora_outer's
-result is rounded to bf16/fp16, far above any of those errors, so it uses tensor cores on a
-two-part split of each operand (hi*hi + hi*lo + lo*hi: 16 mantissa bits per factor).
+FMAs). The kernels match that on tensor cores: x and dy are exact in bf16 (fp16 splits exactly into
+two bf16 parts), and the fp32 operand splits exactly into three bf16 parts (24 mantissa bits = 3 x 8),
+so every product is exact. What must not happen is one MMA accumulator running through the whole
+reduction: the H200's MMA pipeline keeps fewer than fp32's bits as it accumulates (measured at
+K=4096: 33x SGEMM's error with one chained Triton accumulator, 4.4x through cuBLAS's bf16 GEMM). Each
+block of the reduction (BLOCK_K or BLOCK_M = 128 wide) therefore gets a fresh accumulator, added to
+the running sum with an fp32 add: 0.2x to 0.47x SGEMM's error at the Llama-3-8B shapes (a CUDA-core
+FMA version was as exact and 5 to 10x slower). The reductions are split over programs until the SMs
+are covered twice; the fp32 partials are summed in a fixed order (deterministic). lora_outer's result
+is rounded to bf16/fp16, far above any of those errors, so it uses tensor cores on a two-part split of
+each operand (hi*hi + hi*lo + lo*hi: 16 mantissa bits per factor).
 
 The scale is applied to the fp32 result (PEFT scales dy before its GEMM; the two orders differ by
 one fp32 rounding, far below either result's own error). This module knows nothing of NF4 or
-autograd. Interpreted (TRITON_INTERPRET=1), whose bf16 tl.dot is wrong in Triton 3.6, lora_outer
-uses one fp32 dot.
+autograd. Interpreted (TRITON_INTERPRET=1), whose bf16 tl.dot is wrong in Triton 3.6, every kernel
+uses one fp32 dot instead (exact products, the same accumulation).
 """
 from __future__ import annotations
 
@@ -233,7 +236,7 @@ def rank_r_project(p: torch.Tensor, q: torch.Tensor, scale: float = 1.0) -> torc
     m_tiles = triton.cdiv(M, block_m)
     # Split the reduction until the SMs are covered twice; the fp32 partials are added below in a
     # fixed order (deterministic).
-    split = max(1, min(triton.cdiv(max(K, 1), block_k), triton.cdiv(2 * _sm_count(p.device), m_tiles)))
+    split = max(1, min(triton.cdiv(max(K, 1), block_k), triton.cdiv(2 * _sm_count(p.device), max(m_tiles, 1))))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), block_k) * block_k
     partial = torch.empty((split, M, r), dtype=torch.float32, device=p.device)
     if M == 0:
@@ -264,7 +267,7 @@ def rank_r_weight_grad(p: torch.Tensor, low: torch.Tensor, scale: float = 1.0, t
     n_tiles = triton.cdiv(N, block_n)
     # Enough programs to cover the SMs twice: each sums its share of the tokens into its own fp32
     # partial, and the partials are added below in a fixed order (deterministic).
-    split = max(1, min(triton.cdiv(max(M, 1), block_m), triton.cdiv(2 * _sm_count(p.device), n_tiles)))
+    split = max(1, min(triton.cdiv(max(M, 1), block_m), triton.cdiv(2 * _sm_count(p.device), max(n_tiles, 1))))
     m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), block_m) * block_m
     partial = torch.empty((split, r, N) if transpose else (split, N, r), dtype=torch.float32, device=p.device)
     s_on, s_or = (partial.stride(2), partial.stride(1)) if transpose else (partial.stride(1), partial.stride(2))

@@ -1,0 +1,85 @@
+"""The rank-r LoRA kernels (fxfuse/kernels/lora_matmul.py) against float64 and the stock fp32 products
+PEFT computes, on odd shapes and ranks, with every output pre-filled with NaN.
+
+Each case has at least a few hundred output values: the criterion compares error statistics, and over
+a handful of values the worst one is luck (CPU BLAS landed one 72-term dot 4e-8 from the truth; over 33
+such dots its worst error was 0.7x a plain sequential fp32 sum's), which no statistic can be held to."""
+import pytest
+import torch
+
+from fxfuse.kernels.lora_matmul import MAX_RANK, lora_outer, rank_r_project, rank_r_weight_grad
+from fxfuse.testing import assert_exact
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float tensor the kernels' host code allocates starts as NaN: an element a kernel does not
+    write stays NaN and fails the exactness check."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m,k,r", [(700, 72, 1), (37, 200, 8), (70, 33, 16), (19, 64, 40)])
+def test_rank_r_project(poisoned_empty, dtype, m, k, r):
+    p, q = _rand(m, k, dtype=dtype, seed=1), _rand(r, k, seed=2)
+    ours = rank_r_project(p, q.t(), 2.0)  # q as A^T: a strided operand
+    ref = 2.0 * (p.double() @ q.double().t())
+    stock = (p.float() * 2.0) @ q.t()  # PEFT: scale the fp32 copy, then the fp32 GEMM
+    assert_exact("dxa", ours, ref, stock)
+
+
+def test_rank_r_project_scale_not_a_power_of_two():
+    # The kernel scales its fp32 result (one more rounding, half an ulp) where PEFT scales dy before
+    # the GEMM (exact for bf16 dy and s = 0.75): the RMS error stays within the bound; the worst
+    # element of a few hundred can sit that half ulp above stock's.
+    p, q = _rand(64, 200, dtype=torch.bfloat16, seed=1), _rand(8, 200, seed=2)
+    ours = rank_r_project(p, q.t(), 0.75)
+    assert_exact("dxa", ours, 0.75 * (p.double() @ q.double().t()), (p.float() * 0.75) @ q.t(), max_factor=None)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["dB", "dA"])
+@pytest.mark.parametrize("m,n,r", [(40, 72, 1), (111, 200, 8), (300, 40, 16), (29, 64, 40)])
+def test_rank_r_weight_grad(poisoned_empty, transpose, m, n, r):
+    p, low = _rand(m, n, dtype=torch.bfloat16, seed=3), _rand(m, r, seed=4)
+    ours = rank_r_weight_grad(p, low, 2.0, transpose=transpose)
+    ref = 2.0 * p.double().t() @ low.double()
+    stock = (p.float() * 2.0).t() @ low
+    if transpose:
+        ref, stock = ref.t(), stock.t()
+        assert ours.is_contiguous()
+    assert_exact("weight grad", ours, ref, stock)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("m,n,r", [(1, 72, 1), (37, 200, 8), (45, 33, 40)])
+def test_lora_outer(poisoned_empty, bias, m, n, r):
+    low, right = _rand(m, r, seed=5), _rand(n, r, seed=6)
+    b = _rand(n, dtype=torch.bfloat16, seed=7) if bias else None
+    ours = lora_outer(low, right.t(), 0.5, torch.bfloat16, bias=b)
+    ref = 0.5 * low.double() @ right.double().t() + (b.double() if bias else 0)
+    stock = ((low @ right.t()) * 0.5 + (b.float() if bias else 0)).to(torch.bfloat16)
+    assert_exact("adapter term", ours, ref, stock)
+
+
+def test_empty_and_bad_arguments():
+    assert rank_r_project(torch.empty(0, 8, dtype=torch.bfloat16), torch.randn(8, 4)).shape == (0, 4)
+    zero = rank_r_weight_grad(torch.empty(0, 8, dtype=torch.bfloat16), torch.randn(0, 4))
+    assert zero.shape == (8, 4) and (zero == 0).all()  # a sum over no tokens is 0
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        rank_r_project(torch.randn(3, 8), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="fp32"):
+        rank_r_project(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="do not chain"):
+        rank_r_project(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(9, 4))
+    with pytest.raises(ValueError, match="rank"):
+        rank_r_project(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, MAX_RANK + 1))
