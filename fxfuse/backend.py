@@ -136,9 +136,10 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
     for pattern in patterns:
         if pattern.anchor is None:
             continue
+        keys = (pattern.anchor,) if isinstance(pattern.anchor, str) else tuple(pattern.anchor)
         for n in gm.graph.nodes:
             c = canon(n) if n.op == "call_function" else None
-            if c is not None and c.key == pattern.anchor and not explained(pattern.name, n):
+            if c is not None and c.key in keys and not explained(pattern.name, n):
                 graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, pattern.anchor_reason))
 
 

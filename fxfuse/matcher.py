@@ -87,8 +87,8 @@ class Pattern:
                  after every pattern was applied: rewrites between its replacements (e.g. merging
                  the projections that share an input into one call). Returns one line per change,
                  shown by explain().
-    anchor:      optional canonical op key (e.g. "linear_4bit") that every region this pattern
-                 targets contains. An anchor op left in the graph after rewriting, which no decline
+    anchor:      optional canonical op key, or tuple of keys (e.g. "linear_4bit"), that every region
+                 this pattern targets contains. An anchor op left in the graph after rewriting, which no decline
                  already explains, is reported as declined with `anchor_reason`: forms the pattern
                  does not know (DoRA, several adapters) do not match at all, and must still be said.
     """
@@ -102,7 +102,7 @@ class Pattern:
     arguments: Callable[[Match], tuple] | None = None
     enabled_by_default: bool = True
     post_pass: Callable[[fx.GraphModule], list[str]] | None = None
-    anchor: str | None = None
+    anchor: str | tuple[str, ...] | None = None
     anchor_reason: str = "not in a form this pattern supports"
     _graph: fx.GraphModule | None = field(default=None, repr=False)
     _params: list = field(default_factory=list, repr=False)

@@ -225,3 +225,15 @@ def test_ops_opcheck():
     for k in (1, 2):  # one projection, and a group of two
         op_args = (x, *[col(i)[:k] for i in range(7)], None, args[0][7], "nf4", col(9)[:k], 72, 64, args[0][12])
         torch.library.opcheck(torch.ops.fxfuse.lora_linear.default, op_args)
+
+
+def test_every_4bit_linear_fires_or_is_declined_in_eval_mode():
+    """In eval mode without grad bitsandbytes takes its inference kernel (gemv_4bit; on CPU it repacks
+    the weight first), which the pattern does not read: every such layer is reported, none is silent."""
+    model, _ = build(layers=1, twin=False)
+    model.eval()
+    with torch.no_grad():
+        rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    declined = [d for d in rep.declines if d.pattern == "nf4_lora"]
+    assert rep.counts().get("nf4_lora", 0) + len(declined) == 7, str(rep)
+    assert all("4-bit linear" in d.reason for d in declined), str(rep)

@@ -147,9 +147,11 @@ PATTERN = Pattern(
     scalars=("scaling",),
     arguments=_arguments,
     post_pass=group_shared_input,
-    anchor="linear_4bit",
+    # bitsandbytes' gemv_4bit: its inference kernel (no grad; on CPU it also repacks the weight).
+    anchor=("linear_4bit", "bitsandbytes.gemv_4bit"),
     anchor_reason=("a bitsandbytes 4-bit linear outside PEFT's plain LoRA form (DoRA, several active "
-                   "adapters, no adapter, or a graph break inside the layer): stock path"),
+                   "adapters, no adapter, a graph break inside the layer, or bitsandbytes' inference "
+                   "kernel gemv_4bit): stock path"),
     constraints=(
         _4bit_state,
         # bf16 only: bitsandbytes dequantizes to the weight's stored dtype and then casts to the
