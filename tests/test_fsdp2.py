@@ -92,14 +92,14 @@ def build_fsdp_qlora(layers=LAYERS, twin=True, seed=0, quant_storage=STORAGE):
     return model, tw
 
 
-def _attach_quant_state(layer):
-    """Give FSDP2's unsharded parameter of every 4-bit weight in `layer` the module's quant_state, so
+def _attach_quant_state(layer, states):
+    """Give FSDP2's unsharded parameter of every 4-bit weight in `layer` its quant_state, so
     bitsandbytes' `fix_4bit_weight_quant_state_from_module` returns early (no `Params4bit` rebuilt,
     no `.data` assignment, no graph break) inside the compiled forward."""
     layer.unshard()
     for mod in layer.modules():
         if type(mod).__name__ == "Linear4bit":
-            mod.weight.quant_state = mod.quant_state
+            mod.weight.quant_state = states[mod]
     layer.reshard()
 
 
@@ -118,13 +118,15 @@ def _worker(rank, world, init_file, out_dir, variant):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
+        # Each 4-bit weight's quantization state, read before fully_shard replaces the Params4bit.
+        states = {m: m.weight.quant_state for m in model.modules() if type(m).__name__ == "Linear4bit"}
         layers = model.base_model.model.model.layers
         for layer in layers:  # as accelerate's fsdp2 auto-wrap and TRL do: each decoder layer, then the root
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         if variant == "quant_state_on_unsharded_param":
             for layer in layers:
-                _attach_quant_state(layer)
+                _attach_quant_state(layer, states)
         sharded = {n: type(p).__name__ for n, p in model.named_parameters()}
         torch._dynamo.utils.counters.clear()
         fxfuse.last_report().graphs.clear()
