@@ -28,36 +28,41 @@ def _random_lora(model, seed):
 
 
 def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa", lora_dropout=0.0, device="cpu",
-          twin=True, rank=8, quant_type="nf4", lora_kwargs=None, **overrides):
+          twin=True, rank=8, quant_type="nf4", lora_kwargs=None, config=None, model_cls=None, targets=TARGETS,
+          norm_center=1.0, quant_storage=torch.uint8, **overrides):
     """Return (qlora_model, float64_twin or None), both PEFT-wrapped, in train mode, on `device`.
 
-    `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check)."""
+    `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check). Another
+    architecture: `config` (a transformers config) and `model_cls`, LoRA on `targets`, norm weights
+    drawn around `norm_center` (0 for Gemma's `1 + weight` norms). `quant_storage`: the dtype the
+    packed 4-bit bytes are stored as (bf16 for FSDP)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     import bitsandbytes.functional as bnbf
 
-    cfg = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers, **overrides})
+    model_cls = model_cls or LlamaForCausalLM
+    cfg = config if config is not None else LlamaConfig(**{**CONFIG, "num_hidden_layers": layers, **overrides})
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU when there is one: minutes faster at 8B shapes
-        base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        base = model_cls(cfg).to(torch.bfloat16)
     with torch.no_grad():  # random norm weights, not the all-ones init
         for n, p in base.named_parameters():
             if "norm" in n:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    path = tempfile.mkdtemp(prefix="fxfuse-llama-")
+                p.copy_(norm_center + 0.1 * torch.randn_like(p))
+    path = tempfile.mkdtemp(prefix="fxfuse-qlora-")
     base.save_pretrained(path)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
-                                             attn_implementation=attn)
-    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=TARGETS,
+                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=quant_storage)
+    model = model_cls.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
+                                      attn_implementation=attn)
+    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=targets,
                       **(lora_kwargs or {}))
     model.config.use_cache = False
     if twin:
         # The float64 twin: the same weights, the NF4 ones as the 4-bit model actually sees them.
         with torch.device(device):
-            twin = LlamaForCausalLM(copy.deepcopy(cfg)).to(torch.float64)
+            twin = model_cls(copy.deepcopy(cfg)).to(torch.float64)
         state = {k: v.to(torch.float64) for k, v in base.state_dict().items()}
         for name, mod in model.named_modules():
             if type(mod).__name__ == "Linear4bit":
@@ -96,7 +101,7 @@ def lora_grads(model, inputs) -> dict:
 
 
 def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96,
-                             seeds=(1, 2, 3), dynamic: bool = False):
+                             seeds=(1, 2, 3), dynamic: bool = False, **build_kwargs):
     """Compile a tiny QLoRA Llama with fxfuse, backpropagate a few batches, and hold every LoRA
     gradient to the exactness criterion against the float64 twin and the stock path. Returns the
     backend's report of that compile.
@@ -108,7 +113,7 @@ def check_compiled_gradients(checkpointing: bool, options: dict | None = None, l
     tensor exceeds 1.25x unless the path is really less accurate."""
     import fxfuse
     from fxfuse.testing import assert_exact
-    model, twin = build(layers=layers, checkpointing=checkpointing)
+    model, twin = build(layers=layers, checkpointing=checkpointing, **build_kwargs)
     compiled = torch.compile(model, backend="fxfuse", options=options, dynamic=dynamic)
     fxfuse.last_report().graphs.clear()
     ours, ref, stock = {}, {}, {}
@@ -118,7 +123,9 @@ def check_compiled_gradients(checkpointing: bool, options: dict | None = None, l
             for name, g in lora_grads(m, inputs).items():
                 acc.setdefault(name, []).append(g.flatten())
     report = fxfuse.last_report()
-    assert ours.keys() == ref.keys() and len(ref) == layers * len(TARGETS) * 2
+    n_targets = len(build_kwargs.get("targets", TARGETS))
+    n_layers = build_kwargs["config"].num_hidden_layers if "config" in build_kwargs else layers
+    assert ours.keys() == ref.keys() and len(ref) == n_layers * n_targets * 2, sorted(ref)
     for name in ref:
         assert_exact(name, torch.cat(ours[name]), torch.cat(ref[name]), torch.cat(stock[name]), max_factor=None)
     return report

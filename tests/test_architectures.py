@@ -13,18 +13,15 @@ examples/new_architecture.py passed through `extra_patterns`, which does fire on
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import pathlib
-import tempfile
 
 import pytest
 import torch
 
 import fxfuse
-from fxfuse.testing import assert_exact
 
-from qlora_llama import _random_lora, batch, lora_grads
+from qlora_llama import batch, build, check_compiled_gradients
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
@@ -61,69 +58,24 @@ def _example_pattern():
     return mod
 
 
-def build_arch(arch: str, seed: int = 0, twin: bool = True):
-    """tests/qlora_llama.py's build(), for any architecture of ARCHS: (qlora_model, float64_twin)."""
-    import bitsandbytes.functional as bnbf
+def _arch_kwargs(arch: str) -> dict:
+    """qlora_llama.build()'s arguments for an architecture of ARCHS."""
     import transformers
-    from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig
-
     cfg_name, model_name, overrides, targets, attn, _, gemma_norms = ARCHS[arch]
-    cfg_cls, model_cls = getattr(transformers, cfg_name), getattr(transformers, model_name)
-    cfg = cfg_cls(**{**BASE, **overrides})
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    base = model_cls(cfg).to(torch.bfloat16)
-    with torch.no_grad():  # random norm weights around the identity (Gemma's norm scales by 1 + weight)
-        for n, p in base.named_parameters():
-            if "norm" in n:
-                p.copy_((0 if gemma_norms else 1) + 0.1 * torch.randn_like(p))
-    path = tempfile.mkdtemp(prefix=f"fxfuse-{arch}-")
-    base.save_pretrained(path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = model_cls.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map="cpu",
-                                      attn_implementation=attn)
-    model.config.use_cache = False
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
-    tw = None
-    if twin:
-        tw = model_cls(copy.deepcopy(cfg)).to(torch.float64)
-        state = {k: v.to(torch.float64) for k, v in base.state_dict().items()}
-        for name, mod in model.named_modules():
-            if type(mod).__name__ == "Linear4bit":
-                w = mod.weight
-                state[name + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float64)
-        tw.load_state_dict(state)
-        tw.config.use_cache = False
-        tw = get_peft_model(tw, copy.deepcopy(lcfg))
-        _random_lora(tw, seed + 1)
-        tw.to(torch.float64)
-        tw.train()
-    del base
-    model = get_peft_model(model, lcfg)
-    _random_lora(model, seed + 1)
-    model.train()  # on CPU, eval mode would let bitsandbytes repack the weights for its inference kernel
-    return model, tw
+    return dict(config=getattr(transformers, cfg_name)(**{**BASE, **overrides}),
+                model_cls=getattr(transformers, model_name), targets=targets, attn=attn,
+                norm_center=0.0 if gemma_norms else 1.0)  # Gemma's norm scales by 1 + weight
+
+
+def build_arch(arch: str, seed: int = 0, twin: bool = True):
+    """(qlora_model, float64_twin) for an architecture of ARCHS (train mode: on CPU, eval mode would let
+    bitsandbytes repack the weights for its inference kernel)."""
+    return build(seed=seed, twin=twin, **_arch_kwargs(arch))
 
 
 def check_gradients(arch: str, options=None, t: int = 48, seeds=(1, 2, 3)):
-    """check_compiled_gradients of tests/qlora_llama.py for `arch`; returns the backend's report."""
-    model, twin = build_arch(arch)
-    compiled = torch.compile(model, backend="fxfuse", options=options)
-    fxfuse.last_report().graphs.clear()
-    ours, ref, stock = {}, {}, {}
-    for seed in seeds:
-        inputs = batch(seed=seed, t=t)
-        for acc, m in ((ref, twin), (stock, model), (ours, compiled)):
-            for name, g in lora_grads(m, inputs).items():
-                acc.setdefault(name, []).append(g.flatten())
-    report = fxfuse.last_report()
-    n_layers, n_targets = BASE["num_hidden_layers"], len(ARCHS[arch][3])
-    assert ours.keys() == ref.keys() and len(ref) == n_layers * n_targets * 2, sorted(ref)
-    for name in ref:
-        assert_exact(name, torch.cat(ours[name]), torch.cat(ref[name]), torch.cat(stock[name]), max_factor=None)
-    return report
+    """qlora_llama.check_compiled_gradients for `arch`; returns the backend's report."""
+    return check_compiled_gradients(False, options, t=t, seeds=seeds, **_arch_kwargs(arch))
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])

@@ -41,55 +41,10 @@ SEEDS, T = (1, 2, 3), 96
 STORAGE = torch.bfloat16
 
 
-def build_fsdp_qlora(layers=LAYERS, twin=True, seed=0, quant_storage=STORAGE):
-    """qlora_llama.build() with `bnb_4bit_quant_storage` (FSDP shards float parameters only): the same
-    random Llama, NF4 double-quantized base, PEFT LoRA on every projection with random A and B, and
-    (twin=True) its float64 twin with the dequantized base weights."""
-    import copy
-
-    import bitsandbytes.functional as bnbf
-    from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    from qlora_llama import CONFIG, TARGETS, _random_lora
-
-    cfg = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers})
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    with torch.no_grad():
-        for n, p in base.named_parameters():
-            if "norm" in n:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    path = tempfile.mkdtemp(prefix="fxfuse-llama-fsdp-")
-    base.save_pretrained(path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=quant_storage)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map="cpu",
-                                             attn_implementation="sdpa")
-    model.config.use_cache = False
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
-    if twin:
-        tw = LlamaForCausalLM(copy.deepcopy(cfg)).to(torch.float64)
-        state = {k: v.to(torch.float64) for k, v in base.state_dict().items()}
-        for name, mod in model.named_modules():
-            if type(mod).__name__ == "Linear4bit":
-                w = mod.weight
-                assert w.dtype == quant_storage, (name, w.dtype)
-                state[name + ".weight"] = bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float64)
-        tw.load_state_dict(state)
-        tw.config.use_cache = False
-        tw = get_peft_model(tw, copy.deepcopy(lcfg))
-        _random_lora(tw, seed + 1)
-        tw.to(torch.float64)
-        tw.train()
-    else:
-        tw = None
-    del base
-    model = get_peft_model(model, lcfg)
-    _random_lora(model, seed + 1)
-    model.train()
-    return model, tw
+def build_fsdp_qlora(layers=LAYERS, twin=True, seed=0):
+    """qlora_llama.build() with the packed 4-bit bytes stored as bf16: FSDP shards float parameters only."""
+    from qlora_llama import build
+    return build(layers=layers, twin=twin, seed=seed, quant_storage=STORAGE)
 
 
 def _fix_quant_state_in_place():
