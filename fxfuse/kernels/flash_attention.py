@@ -231,6 +231,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG,
 
 
 @triton.jit
+def _dq_block(q, do, lse, k_base, v_base, start_n, offs_m, offs_d, m_mask, d_mask, sks, svs, scale,
+              KPM, SEG, b, S, seg_q, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+              FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one key block of the dq kernel: the keys, P (recomputed from the scores and lse) and dP."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < S
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot_lowp(q, tl.trans(k), FP32_DOT) * scale
+    valid = _visible(offs_m, offs_n, m_mask, n_mask, KPM, SEG, b, S, seg_q, CAUSAL, HAS_KPM, HAS_SEG)
+    s = tl.where(valid, s, float("-inf"))
+    p = tl.exp(s - lse[:, None])
+    dp = _dot_lowp(do, tl.trans(v), FP32_DOT)
+    return k, p, dp
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                    H, GROUP, S, D, scale,
@@ -266,16 +284,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
     # scores costs two dots per block and keeps it fp32-accurate (and the backward never reads O).
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < S
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot_lowp(q, tl.trans(k), FP32_DOT) * scale
-        valid = _visible(offs_m, offs_n, m_mask, n_mask, KPM, SEG, b, S, seg_q, CAUSAL, HAS_KPM, HAS_SEG)
-        s = tl.where(valid, s, float("-inf"))
-        p = tl.exp(s - lse[:, None])
-        dp = _dot_lowp(do, tl.trans(v), FP32_DOT)
+        k, p, dp = _dq_block(q, do, lse, k_base, v_base, start_n, offs_m, offs_d, m_mask, d_mask, sks, svs, scale,
+                             KPM, SEG, b, S, seg_q, CAUSAL, HAS_KPM, HAS_SEG, FP32_DOT, BLOCK_N)
         delta += tl.sum(p * dp, axis=1)
     # The dk/dv kernel, launched after this one, reads it.
     tl.store(DELTA + bh * S + offs_m, delta, mask=m_mask)
@@ -283,16 +293,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
     # Second pass: dq = scale * sum_j dS_ij k_j with dS = P * (dP - delta).
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < S
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot_lowp(q, tl.trans(k), FP32_DOT) * scale
-        valid = _visible(offs_m, offs_n, m_mask, n_mask, KPM, SEG, b, S, seg_q, CAUSAL, HAS_KPM, HAS_SEG)
-        s = tl.where(valid, s, float("-inf"))
-        p = tl.exp(s - lse[:, None])
-        dp = _dot_lowp(do, tl.trans(v), FP32_DOT)
+        k, p, dp = _dq_block(q, do, lse, k_base, v_base, start_n, offs_m, offs_d, m_mask, d_mask, sks, svs, scale,
+                             KPM, SEG, b, S, seg_q, CAUSAL, HAS_KPM, HAS_SEG, FP32_DOT, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += _dot_f32(ds, k, FP32_DOT)
     dq = dq * scale
