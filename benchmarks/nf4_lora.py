@@ -5,8 +5,10 @@ and Unsloth's fast LoRA kernels, at the Llama-3-8B projection shapes, each syste
     python benchmarks/nf4_lora.py [--tokens 4096] [--rank 16] [--json benchmarks/results/nf4_lora.json]
 
 Cases: the four projection shapes alone, and the groups that share their input (q/k/v, gate/up),
-which stock and Unsloth's LoRA_W run one projection at a time, and fxfuse in one call. Prints
-markdown tables; writes JSON.
+which stock and Unsloth's LoRA_W run one projection at a time, and fxfuse in one call. Systems:
+stock, fxfuse (the op called eagerly), fxfuse-compiled (the op inside torch.compile, as the backend
+runs it: Inductor traces into it), Unsloth (--unsloth-site). Prints markdown tables; writes JSON.
+`--dequant-only`: the dequantization's bit-equality and speed against bitsandbytes.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ GROUPS = {"q,k,v group 4096->4096+1024+1024": [(4096, 4096), (1024, 4096), (1024
           "gate,up group 4096->2x14336": [(14336, 4096), (14336, 4096)]}
 CASES = {**SINGLE, **GROUPS}
 SCALING = 2.0
+SYSTEMS = ("stock", "fxfuse", "fxfuse-compiled", "unsloth")
 
 
 def _quantize(w):
@@ -65,17 +68,22 @@ def _system_fns(system, x, projs):
                 outs.append(result + lora.to(x.dtype))
             return outs
         return run
-    if system == "fxfuse":
+    if system in ("fxfuse", "fxfuse-compiled"):
         from fxfuse.ops.nf4_lora import lora_linear_group
         sizes = [st.shape[0] for _, st, _, _ in projs]
         st0 = projs[0][1]
 
         def run():
-            y = lora_linear_group(x, [q for q, *_ in projs], [st.absmax for _, st, _, _ in projs],
-                                  *[[_nested(st)[i] for _, st, _, _ in projs] for i in range(3)],
-                                  [a for *_, a, _ in projs], [b for *_, b in projs], None, SCALING, "nf4", sizes,
-                                  st0.shape[1], 64, st0.state2.blocksize)
-            return list(torch.split(y, sizes, dim=-1))
+            # One output for the group, its gradient one tensor: in a model the consumers read slices
+            # of it, and the compiled backward writes their gradients into one buffer (no split/cat).
+            return [lora_linear_group(x, [q for q, *_ in projs], [st.absmax for _, st, _, _ in projs],
+                                      *[[_nested(st)[i] for _, st, _, _ in projs] for i in range(3)],
+                                      [a for *_, a, _ in projs], [b for *_, b in projs], None, SCALING, "nf4",
+                                      sizes, st0.shape[1], 64, st0.state2.blocksize)]
+        if system == "fxfuse-compiled":
+            # As the fxfuse backend runs it: the op inside an Inductor graph, which traces into it and
+            # launches its kernels from generated code.
+            return torch.compile(run, fullgraph=True, dynamic=False)
         return run
     if system == "unsloth":
         import unsloth  # noqa: F401  (patches; must come before the kernels)
@@ -115,11 +123,17 @@ def _graph_ms(step) -> float | None:
         return None
 
 
+def _grads_for(system, dys):
+    """The output gradients as `system` receives them (fxfuse: one tensor for the group)."""
+    return [torch.cat(dys, dim=-1)] if system.startswith("fxfuse") and len(dys) > 1 else dys
+
+
 def time_system(system, tokens, rank) -> dict:
     import triton
     out = {}
     for name, shapes in CASES.items():
         x, projs, dys = _make(shapes, tokens, rank)
+        dys = _grads_for(system, dys)
         try:
             run = _system_fns(system, x, projs)
         except Exception as e:  # e.g. Unsloth not installed
@@ -155,21 +169,23 @@ def exactness(tokens, rank) -> dict:
     x, projs, dys = _make([(4096, 4096)], tokens, rank, seed=7)
     q, st, a, b = projs[0]
     res = {}
-    ys = {s: _system_fns(s, x, projs)()[0] for s in ("stock", "fxfuse")}
+    systems = ("stock", "fxfuse", "fxfuse-compiled")
+    ys = {s: _system_fns(s, x, projs)()[0] for s in systems}
     grads = {s: torch.autograd.grad(ys[s], (x, a, b), dys[0]) for s in ys}
     w64 = bnb_dequantize(q, st).double()
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
     y64 = x64 @ w64.t() + (x64 @ a64.t()) @ b64.t() * SCALING
     g64 = torch.autograd.grad(y64, (x64, a64, b64), dys[0].double())
-    for name, ours, ref, stock in (("y", ys["fxfuse"], y64, ys["stock"]),
-                                   *[(n, grads["fxfuse"][i], g64[i], grads["stock"][i])
-                                     for i, n in enumerate(("dx", "dA", "dB"))]):
-        try:
-            e = assert_exact(name, ours, ref, stock)
-            e["pass"] = True
-        except AssertionError as err:
-            e = {"pass": False, "error": str(err)}
-        res[name] = e
+    for system in systems[1:]:
+        for name, ours, ref, stock in (("y", ys[system], y64, ys["stock"]),
+                                       *[(n, grads[system][i], g64[i], grads["stock"][i])
+                                         for i, n in enumerate(("dx", "dA", "dB"))]):
+            try:
+                e = assert_exact(name, ours, ref, stock)
+                e["pass"] = True
+            except AssertionError as err:
+                e = {"pass": False, "error": str(err)}
+            res[f"{system} {name}"] = e
     return res
 
 
@@ -191,6 +207,64 @@ def dequant_bit_equal() -> list:
     return rows
 
 
+def dequant_speed() -> list:
+    """Time of one dequantization of a Llama-3-8B gate_proj weight (14336 x 4096, NF4 double quant, bf16 out):
+    fxfuse's fast path (whole words), its general path (forced by an output one element off alignment), and
+    bitsandbytes' CUDA kernel; bandwidth counts the packed bytes and absmax read plus the output written."""
+    import bitsandbytes.functional as F
+    import triton
+    from fxfuse.kernels.nf4 import dequantize_4bit
+    rows = []
+    for out_f, in_f in [(14336, 4096), (4096, 4096)]:
+        w = torch.randn(out_f, in_f, device="cuda").to(torch.bfloat16) * 0.02
+        q, st = _quantize(w)
+        n = out_f * in_f
+        nbytes = n // 2 + st.absmax.numel() + 2 * n
+        fast = torch.empty(out_f, in_f, dtype=torch.bfloat16, device="cuda")
+        buf = torch.empty(n + 1, dtype=torch.bfloat16, device="cuda")
+        general = buf[1:].view(out_f, in_f)
+        args = (q.view(torch.uint8).reshape(-1), st.absmax, (out_f, in_f), torch.bfloat16)
+        fns = {"fxfuse fast": lambda: dequantize_4bit(*args, nested=_nested(st), out=fast),
+               "fxfuse general": lambda: dequantize_4bit(*args, nested=_nested(st), out=general),
+               "bitsandbytes": lambda: F.dequantize_4bit(q, st)}
+        ref = F.dequantize_4bit(q, st)
+        for name, fn in fns.items():
+            fn()
+            ms = float(triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median"))
+            equal = None if name == "bitsandbytes" else bool(torch.equal(
+                (fast if name == "fxfuse fast" else general).view(torch.int16), ref.view(torch.int16)))
+            rows.append({"shape": [out_f, in_f], "system": name, "us": 1e3 * ms, "GB/s": nbytes / ms / 1e6,
+                         "bit_equal": equal})
+    return rows
+
+
+def results_table(systems: dict, tokens: int, rank: int) -> str:
+    """Markdown: per case, device time (CUDA-graph replay) and wall time (do_bench) of every system,
+    fxfuse's ratios to stock, and the extra peak memory."""
+    def get(system, name, key):
+        v = systems.get(system, {})
+        return None if "error" in v else v.get(name, {}).get(key)
+
+    def fmt(v, f=".3f"):
+        return "n/a" if v is None else format(v, f)
+
+    lines = [f"| case ({tokens} tokens, r={rank}) | device ms: stock / fxfuse / Unsloth | fxfuse / stock (device) | "
+             "wall ms: stock / fxfuse eager / fxfuse compiled / Unsloth | compiled / stock (wall) | "
+             "peak MiB: stock / fxfuse / Unsloth |", "|---|---|---|---|---|---|"]
+    for name in CASES:
+        dev = {sy: get(sy, name, "device_ms") for sy in SYSTEMS}
+        wall = {sy: get(sy, name, "fwd_bwd_ms") for sy in SYSTEMS}
+        peak = {sy: get(sy, name, "peak_extra_mib") for sy in SYSTEMS}
+        fx_dev = dev["fxfuse-compiled"] or dev["fxfuse"]
+        ratio = fx_dev / dev["stock"] if fx_dev and dev["stock"] else None
+        wratio = wall["fxfuse-compiled"] / wall["stock"] if wall["fxfuse-compiled"] and wall["stock"] else None
+        lines.append(f"| {name} | {fmt(dev['stock'])} / {fmt(fx_dev)} / {fmt(dev['unsloth'])} | {fmt(ratio, '.2f')} | "
+                     f"{fmt(wall['stock'])} / {fmt(wall['fxfuse'])} / {fmt(wall['fxfuse-compiled'])} / "
+                     f"{fmt(wall['unsloth'])} | {fmt(wratio, '.2f')} | {fmt(peak['stock'], '.0f')} / "
+                     f"{fmt(peak['fxfuse-compiled'] or peak['fxfuse'], '.0f')} / {fmt(peak['unsloth'], '.0f')} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -200,7 +274,15 @@ def main():
     ap.add_argument("--system", help=argparse.SUPPRESS)  # child process: time one system, print JSON
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "nf4_lora.json"))
+    ap.add_argument("--dequant-only", action="store_true", help="only the dequantization checks and timing")
     args = ap.parse_args()
+    if args.dequant_only:
+        rows = dequant_bit_equal()
+        print(f"NF4 dequantization bit-equal to bitsandbytes CUDA: {sum(r['bit_equal'] for r in rows)}/{len(rows)}")
+        print("| weight | system | us | GB/s | bit-equal |\n|---|---|---|---|---|")
+        for r in dequant_speed():
+            print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['system']} | {r['us']:.1f} | {r['GB/s']:.0f} | {r['bit_equal']} |")
+        return
     if args.system:
         print("RESULT " + json.dumps(time_system(args.system, args.tokens, args.rank)))
         return
@@ -216,7 +298,7 @@ def main():
                if v["pass"] else v["error"]))
 
     systems = {}
-    for system in ("stock", "fxfuse", "unsloth"):
+    for system in SYSTEMS:
         env = dict(os.environ)
         if system == "unsloth" and args.unsloth_site:
             env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
@@ -227,25 +309,8 @@ def main():
         systems[system] = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
         print(f"{system}: {'ok' if 'error' not in systems[system] else systems[system]['error']}", flush=True)
 
-    print(f"\n| case ({args.tokens} tokens, r={args.rank}, NF4 double quant) | stock fwd+bwd ms | fxfuse ms | "
-          "fxfuse / stock | Unsloth ms | fxfuse / Unsloth | stock peak MiB | fxfuse peak MiB | Unsloth peak MiB | "
-          "device ms stock / fxfuse / Unsloth (CUDA graph) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-
-    def cell(system, name, key, fmt):
-        v = systems[system].get(name, {}) if "error" not in systems[system] else {}
-        return format(v[key], fmt) if v.get(key) is not None else "n/a"
-
-    for name in CASES:
-        s, f = systems["stock"].get(name, {}), systems["fxfuse"].get(name, {})
-        u = systems["unsloth"].get(name, {}) if "error" not in systems["unsloth"] else {}
-        ratio = f"{f['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in s and "fwd_bwd_ms" in f else "n/a"
-        uratio = f"{f['fwd_bwd_ms'] / u['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in u and "fwd_bwd_ms" in f else "n/a"
-        print(f"| {name} | {cell('stock', name, 'fwd_bwd_ms', '.3f')} | {cell('fxfuse', name, 'fwd_bwd_ms', '.3f')} | "
-              f"{ratio} | {cell('unsloth', name, 'fwd_bwd_ms', '.3f')} | {uratio} | "
-              f"{cell('stock', name, 'peak_extra_mib', '.0f')} | {cell('fxfuse', name, 'peak_extra_mib', '.0f')} | "
-              f"{cell('unsloth', name, 'peak_extra_mib', '.0f')} | {cell('stock', name, 'device_ms', '.3f')} / "
-              f"{cell('fxfuse', name, 'device_ms', '.3f')} / {cell('unsloth', name, 'device_ms', '.3f')} |")
+    table = results_table(systems, args.tokens, args.rank)
+    print("\n" + table)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,

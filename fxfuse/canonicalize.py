@@ -345,7 +345,9 @@ def _casts_after_views(graph: fx.Graph) -> int:
 
     A view and a dtype cast commute exactly. With the cast last, a pattern anchored on the consumer
     (e.g. the loss's `cross_entropy(logits.float().view(-1, V))`) finds the low-precision tensor
-    right under the cast and can read it directly."""
+    right under the cast and can read it directly. Widening casts only: a narrowing cast is how a
+    region hands its result back in the model's dtype (PEFT's `result.to(torch_result_dtype)`
+    before attention's `.view(hidden_shape)`), and patterns end on it where the model wrote it."""
     moved = 0
     for node in list(graph.nodes):
         if node.op not in ("call_method", "call_function") or op_key(node) not in ("view", "reshape"):
@@ -359,6 +361,9 @@ def _casts_after_views(graph: fx.Graph) -> int:
         src, vin, vout = c.args[0], example_value(c.args[0]), example_value(node)
         if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor) or not vin.is_contiguous():
             continue  # a view of a non-contiguous source could fail where the cast's fresh copy did not
+        if not (vin.dtype.is_floating_point and vout.dtype.is_floating_point
+                and vout.dtype.itemsize > vin.dtype.itemsize):
+            continue
         with graph.inserting_before(node):
             if node.op == "call_method":
                 view = graph.call_method(node.target, (src, *node.args[1:]), dict(node.kwargs))

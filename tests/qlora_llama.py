@@ -35,7 +35,8 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
     `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check). Another
     architecture: `config` (a transformers config) and `model_cls`, LoRA on `targets`, norm weights
     drawn around `norm_center` (0 for Gemma's `1 + weight` norms). `quant_storage`: the dtype the
-    packed 4-bit bytes are stored as (bf16 for FSDP)."""
+    packed 4-bit bytes are stored as (bf16 for FSDP). quant_type "none": no quantization (plain LoRA
+    on the bf16 base)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     import bitsandbytes.functional as bnbf
@@ -52,8 +53,12 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
                 p.copy_(norm_center + 0.1 * torch.randn_like(p))
     path = tempfile.mkdtemp(prefix="fxfuse-qlora-")
     base.save_pretrained(path)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=quant_storage)
+    if quant_type == "none":  # plain LoRA on the bf16 base
+        q = None
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_quant_storage=quant_storage)
     model = model_cls.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
                                       attn_implementation=attn)
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=targets,

@@ -7,7 +7,7 @@ such dots its worst error was 0.7x a plain sequential fp32 sum's), which no stat
 import pytest
 import torch
 
-from fxfuse.kernels.lora_matmul import MAX_RANK, lora_outer, rank_r_project, rank_r_weight_grad
+from fxfuse.kernels.lora_matmul import MAX_RANK, lora_dy_grads, lora_outer, rank_r_project, rank_r_weight_grad
 from fxfuse.testing import assert_exact
 
 
@@ -29,7 +29,7 @@ def _rand(*shape, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("m,k,r", [(700, 72, 1), (37, 200, 8), (70, 33, 16), (19, 64, 40)])
+@pytest.mark.parametrize("m,k,r", [(3000, 72, 1), (37, 200, 8), (70, 33, 16), (19, 64, 40)])
 def test_rank_r_project(poisoned_empty, dtype, m, k, r):
     p, q = _rand(m, k, dtype=dtype, seed=1), _rand(r, k, seed=2)
     ours = rank_r_project(p, q.t(), 2.0)  # q as A^T: a strided operand
@@ -48,7 +48,7 @@ def test_rank_r_project_scale_not_a_power_of_two():
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["dB", "dA"])
-@pytest.mark.parametrize("m,n,r", [(40, 72, 1), (111, 200, 8), (300, 40, 16), (29, 64, 40)])
+@pytest.mark.parametrize("m,n,r", [(40, 1500, 1), (111, 200, 8), (300, 40, 16), (29, 64, 40)])
 def test_rank_r_weight_grad(poisoned_empty, transpose, m, n, r):
     p, low = _rand(m, n, dtype=torch.bfloat16, seed=3), _rand(m, r, seed=4)
     ours = rank_r_weight_grad(p, low, 2.0, transpose=transpose)
@@ -58,6 +58,35 @@ def test_rank_r_weight_grad(poisoned_empty, transpose, m, n, r):
         ref, stock = ref.t(), stock.t()
         assert ours.is_contiguous()
     assert_exact("weight grad", ours, ref, stock)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m,n,r", [(111, 200, 8), (300, 72, 16), (37, 1500, 1), (70, 130, 40)])
+def test_lora_dy_grads(poisoned_empty, dtype, m, n, r):
+    # Rows not a multiple of the row block (two halves of 16 when interpreted), columns spread over
+    # several splits with a ragged last tile: both partial sums and every mask are exercised.
+    dy, b, xa = _rand(m, n, dtype=dtype, seed=8), _rand(n, r, seed=9), _rand(m, r, seed=10)
+    dxa, db = lora_dy_grads(dy, b, xa, 2.0)
+    assert dxa.shape == (m, r) and db.shape == (n, r)
+    assert_exact("dxa", dxa, 2.0 * (dy.double() @ b.double()), (dy.float() * 2.0) @ b)
+    assert_exact("dB", db, 2.0 * (dy.double().t() @ xa.double()), (dy.float() * 2.0).t() @ xa)
+
+
+def test_lora_dy_grads_block_diagonal():
+    # A group's B is block diagonal (q/k/v): the off-diagonal zeros give zero columns of dxa's
+    # blocks, and dB's diagonal blocks are each projection's gradient.
+    g = torch.Generator().manual_seed(11)
+    bs = [torch.randn(n, r, generator=g) for n, r in ((64, 8), (32, 8), (32, 16))]
+    b = torch.block_diag(*bs)
+    dy = torch.randn(50, 128, generator=g).to(torch.bfloat16)
+    xa = torch.randn(50, 32, generator=g)
+    dxa, db = lora_dy_grads(dy, b, xa, 0.5)
+    rows, cols = 0, 0
+    for blk in bs:
+        n, r = blk.shape
+        ref = 0.5 * dy[:, rows:rows + n].double() @ blk.double()
+        assert_exact("dxa block", dxa[:, cols:cols + r], ref, (dy[:, rows:rows + n].float() * 0.5) @ blk)
+        rows, cols = rows + n, cols + r
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -83,3 +112,7 @@ def test_empty_and_bad_arguments():
         rank_r_project(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(9, 4))
     with pytest.raises(ValueError, match="rank"):
         rank_r_project(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, MAX_RANK + 1))
+    dxa, db = lora_dy_grads(torch.empty(0, 8, dtype=torch.bfloat16), torch.randn(8, 4), torch.randn(0, 4), 1.0)
+    assert dxa.shape == (0, 4) and db.shape == (8, 4) and (db == 0).all()
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_dy_grads(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, 4), torch.randn(3, 5), 1.0)

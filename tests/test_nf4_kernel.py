@@ -312,6 +312,36 @@ def test_out_is_written_everywhere():
         assert_matches_bnb(out, packed, qs, f"out= {shape}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_both_paths_agree(dtype):
+    # A shape of whole 32-bit words takes the fast path (words in, pairs of outputs out); the same
+    # weight written into an output one element off alignment takes the general (interleaving)
+    # path. Both must be bit-equal to bitsandbytes, and every element written.
+    w = make_weight((40, 256), dtype, _seed("paths", dtype))
+    packed, qs = quantize(w, 64, True)
+    fast = torch.full((40, 256), POISON, dtype=dtype)
+    dequantize_nf4(packed, qs.absmax, (40, 256), dtype, nested=nested_of(qs), out=fast)
+    buf = torch.full((40 * 256 + 1,), POISON, dtype=dtype)
+    general = buf[1:].view(40, 256)
+    assert general.data_ptr() % (2 * general.element_size()) != 0  # not aligned for the paired store
+    dequantize_nf4(packed, qs.absmax, (40, 256), dtype, nested=nested_of(qs), out=general)
+    assert not torch.isnan(fast).any() and not torch.isnan(general).any()
+    assert_matches_bnb(fast, packed, qs, f"fast path {dtype}")
+    assert_matches_bnb(general, packed, qs, f"general path {dtype}")
+    assert torch.isnan(buf[0]), "the general path wrote outside its output"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fast_path_select_tree_decode(monkeypatch, quant_type):
+    # The fast path decodes through a table (tl.gather); its select-tree variant, kept for the
+    # launch sweep's comparison (benchmarks/lora_kernels_sweep.py), must give the same bits.
+    import fxfuse.kernels.nf4 as nf4
+    monkeypatch.setattr(nf4, "_LOOKUP", False)
+    w = make_weight((40, 256), torch.bfloat16, _seed("tree", quant_type))
+    packed, qs = quantize(w, 64, True, quant_type)
+    assert_matches_bnb(run_kernel(packed, qs, quant_type=quant_type), packed, qs, f"select tree {quant_type}")
+
+
 def test_offset_forms():
     w = make_weight((24, 128), torch.bfloat16, _seed("offset"))
     packed, qs = quantize(w, 64, True)

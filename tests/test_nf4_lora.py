@@ -237,3 +237,42 @@ def test_every_4bit_linear_fires_or_is_declined_in_eval_mode():
     declined = [d for d in rep.declines if d.pattern == "nf4_lora"]
     assert rep.counts().get("nf4_lora", 0) + len(declined) == 7, str(rep)
     assert all("4-bit linear" in d.reason for d in declined), str(rep)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on a plain (unquantized) bf16 base: the `lora` and `lora_bias` patterns
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_plain_base_pattern_fires_and_gradients_are_exact(checkpointing):
+    report = check_compiled_gradients(checkpointing, ENABLE, quant_type="none")
+    assert report.counts() == {"rms_norm": 5, "lora": 14}, str(report)
+    assert report.post_passes == [], "plain bases are not grouped"
+
+
+def test_plain_base_with_bias_fires_and_gradients_are_exact():
+    # Qwen2-style frozen q/k/v biases on the bf16 base: `lora_bias` there, `lora` elsewhere.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from qlora_llama import CONFIG
+    cfg = Qwen2Config(**{**CONFIG, "num_hidden_layers": 1})
+    report = check_compiled_gradients(False, ENABLE, layers=1, quant_type="none", config=cfg,
+                                      model_cls=Qwen2ForCausalLM)
+    assert report.counts() == {"rms_norm": 3, "lora": 4, "lora_bias": 3}, str(report)
+
+
+def test_plain_base_declines_a_trainable_base_with_the_reason():
+    model, _ = build(layers=1, twin=False, quant_type="none")
+    base = model.get_submodule("base_model.model.model.layers.0.self_attn.o_proj").base_layer
+    base.weight.requires_grad_(True)
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    assert rep.counts()["lora"] == 6, str(rep)
+    reasons = [d.reason for d in rep.declines if d.pattern == "lora" and "o_proj" in d.where]
+    assert reasons and "trainable" in reasons[0], str(rep)
+
+
+def test_plain_base_declines_dropout_with_the_reason():
+    model, _ = build(layers=1, twin=False, quant_type="none", lora_dropout=0.1)
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    assert "lora" not in rep.counts(), str(rep)
+    reasons = [d.reason for d in rep.declines if d.pattern == "lora"]
+    assert len(reasons) == 7, str(rep)

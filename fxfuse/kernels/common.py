@@ -1,10 +1,11 @@
 """What every fxfuse Triton kernel shares: the interpreter switch and stock-exact rounding and division."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreted", "round_to", "div_rn"]
+__all__ = ["interpreted", "launch", "round_to", "div_rn"]
 
 
 @triton.jit
@@ -18,6 +19,19 @@ def interpreted() -> bool:
     triton.jit returns an InterpretedFunction instead of a JITFunction then; that is the one
     reliable signal of which path the kernels take."""
     return type(_probe).__name__ == "InterpretedFunction"
+
+
+def launch(kernel, probe: torch.Tensor):
+    """`kernel`, ready for `[grid](...)`: itself for real tensors, `torch.library.wrap_triton(kernel)`
+    while torch.compile traces the caller (`probe`, any tensor argument of the launch, is then a
+    fake or functional tensor, or a proxy mode is active): the launch then enters the graph, and
+    Inductor compiles and launches the kernel itself, with no Python per call at run time."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    if isinstance(probe, (FakeTensor, FunctionalTensor)) or \
+            torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 @triton.jit

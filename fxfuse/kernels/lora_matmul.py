@@ -10,8 +10,10 @@ and only rank-r tensors (or one low-precision [M, N] term) come out:
         xa  = x @ A^T               (scale 1)
         dxa = s * (dy @ B)
     rank_r_weight_grad(p, low, scale)     out[n, j] = scale * sum_m p[m, n] * low[m, j]
-        dB  = s * dy^T @ xa         [N, r]
         dA  = (x^T @ dxa)^T         [r, K]   (transpose=True)
+    lora_dy_grads(dy, B, xa, s)           (s * dy @ B, s * dy^T @ xa) from one read of dy
+        dxa [M, r] and dB [N, r]: dy is the widest tensor of the backward (N = 14336 for gate/up),
+        so reading it once instead of twice is the saving that matters
     lora_outer(low, right, scale, dtype)  out[M, N] = (scale * (low @ right) + bias).to(dtype)
         the adapter term of y (xa, B^T, s) and of dx (dxa, A, 1), to which the caller adds the
         frozen product inside cuBLAS's fp32 epilogue (torch.addmm), so the sum is rounded once.
@@ -31,8 +33,10 @@ each operand (hi*hi + hi*lo + lo*hi: 16 mantissa bits per factor).
 
 The scale is applied to the fp32 result (PEFT scales dy before its GEMM; the two orders differ by
 one fp32 rounding, far below either result's own error). This module knows nothing of NF4 or
-autograd. Interpreted (TRITON_INTERPRET=1), whose bf16 tl.dot is wrong in Triton 3.6, every kernel
-uses one fp32 dot instead (exact products, the same accumulation).
+autograd. Interpreted (TRITON_INTERPRET=1), whose bf16 tl.dot is wrong in Triton 3.6, each block's
+dot is one fp64 dot rounded to fp32 (the products exact, as on the tensor cores; the fp32 sums of
+the blocks and of the partials as on the GPU): the CPU tests check the algorithm (indexing, masks,
+splits, partial sums), the GPU run checks the tensor-core path's precision.
 """
 from __future__ import annotations
 
@@ -42,12 +46,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreted, round_to
+from .common import interpreted, launch, round_to
 
-__all__ = ["rank_r_project", "rank_r_weight_grad", "lora_outer", "MAX_RANK"]
+__all__ = ["rank_r_project", "rank_r_weight_grad", "lora_dy_grads", "lora_outer", "MAX_RANK"]
 
 # Rank tiles are [*, RANK_P], RANK_P the next power of two >= max(r, 16) (tl.dot needs 16).
 MAX_RANK = 128
+# rank_r_project: the reduction over K is cut in pieces of this length (a program each), twice that
+# for K >= 8192 (benchmarks/lora_kernels_sweep.py: 52 against 57 us at x 4096x14336 on the H200).
+_K_PER_SPLIT = 1024
+# lora_dy_grads: the columns of dy are shared out over at most _DY_SPLITS programs per row block,
+# each taking at least _DY_COLS_PER_SPLIT_MIN columns (the dxa partials cost M * r * 4 bytes each).
+_DY_SPLITS = 16
+_DY_COLS_PER_SPLIT_MIN = 256
+# Above this rank tile the two single-product kernels are faster than the fused one.
+_DY_FUSED_MAX_RANK = 32
 
 
 @triton.jit
@@ -69,29 +82,44 @@ def _split3(v):
 
 
 @triton.jit
+def _split3_for_dot(v, FP32_DOT: tl.constexpr):
+    """_split3 of an fp32 operand that several dots reuse (FP32_DOT: v itself, three times)."""
+    if FP32_DOT:
+        return v, v, v
+    else:
+        return _split3(v)
+
+
+@triton.jit
+def _block_dot_split(a, b1, b2, b3, FP32_DOT: tl.constexpr, A_BF16: tl.constexpr):
+    """a @ (b1 + b2 + b3) for one block, the fp32 operand given as its exact 3-way bf16 split."""
+    if FP32_DOT:
+        # Interpreted: the block's products summed in fp64 and rounded once (numpy's fp32 dot would
+        # stand in for the GPU's exact-product MMA with a CPU summation order of its own).
+        part = tl.dot(a.to(tl.float64), b1.to(tl.float64)).to(tl.float32)
+    elif A_BF16:
+        part = tl.dot(a, b3)
+        part = tl.dot(a, b2, part)
+        part = tl.dot(a, b1, part)
+    else:
+        a1, a2 = _split2(a.to(tl.float32))
+        part = tl.dot(a2, b3)
+        part = tl.dot(a2, b2, part)
+        part = tl.dot(a1, b3, part)
+        part = tl.dot(a2, b1, part)
+        part = tl.dot(a1, b2, part)
+        part = tl.dot(a1, b1, part)
+    return part
+
+
+@triton.jit
 def _block_dot_exact(a, b, FP32_DOT: tl.constexpr, A_BF16: tl.constexpr):
     """a @ b for one block, a bf16/fp16 [X, BK], b fp32 [BK, Y]: exact products, fp32 sums.
 
     A fresh accumulator per block (the caller adds it to its running fp32 sum): chained through a
     whole reduction, the MMA accumulator loses bits (see the module docstring)."""
-    if FP32_DOT:
-        part = tl.dot(a.to(tl.float32), b, input_precision="ieee")
-    else:
-        b1, b2, b3 = _split3(b)
-        if A_BF16:
-            part = tl.dot(a, b3)
-            part = tl.dot(a, b2, part)
-            part = tl.dot(a, b1, part)
-        else:
-            # fp16 has 11 mantissa bits: two bf16 parts hold it exactly.
-            a1, a2 = _split2(a.to(tl.float32))
-            part = tl.dot(a2, b3)
-            part = tl.dot(a2, b2, part)
-            part = tl.dot(a1, b3, part)
-            part = tl.dot(a2, b1, part)
-            part = tl.dot(a1, b2, part)
-            part = tl.dot(a1, b1, part)
-    return part
+    b1, b2, b3 = _split3_for_dot(b, FP32_DOT)
+    return _block_dot_split(a, b1, b2, b3, FP32_DOT, A_BF16)
 
 
 @triton.jit
@@ -126,7 +154,7 @@ def _rank_r_project_kernel(
 
 @triton.jit
 def _rank_r_weight_grad_kernel(
-    P, L, OUT, M, N, RANK, M_PER_SPLIT,
+    P, L, OUT, M, N, RANK, SPLITS,
     stride_pm, stride_pn, stride_lm, stride_lr, stride_os, stride_on, stride_or,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P: tl.constexpr,
@@ -139,8 +167,11 @@ def _rank_r_weight_grad_kernel(
     n_mask = offs_n < N
     r_mask = offs_r < RANK
     acc = tl.zeros((BLOCK_N, RANK_P), dtype=tl.float32)
-    m_start = pid_s * M_PER_SPLIT
-    m_end = min(M, m_start + M_PER_SPLIT)
+    # The tokens are shared out here, not by the caller: their number may change from call to
+    # call under torch.compile's dynamic shapes while the grid stays the same.
+    m_per_split = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_M) * BLOCK_M
+    m_start = pid_s * m_per_split
+    m_end = min(M, m_start + m_per_split)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
@@ -152,6 +183,73 @@ def _rank_r_weight_grad_kernel(
         acc += _block_dot_exact(tl.trans(p), low, FP32_DOT, P_BF16)
     tl.store(OUT + pid_s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or, acc * scale,
              mask=n_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _dy_rows(DY, B, rows, offs_n, m_mask, n_mask, r_mask, offs_r, stride_dym, stride_dyn, stride_bn, stride_br,
+             xa1, xa2, xa3, FP32_DOT: tl.constexpr, DY_BF16: tl.constexpr):
+    """For one [BLOCK_M, BLOCK_N] tile of dy: (dy @ B[cols], dy^T @ xa[rows]), each a fresh block."""
+    dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                 mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    b = tl.load(B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    part_dxa = _block_dot_exact(dy, b, FP32_DOT, DY_BF16)
+    part_db = _block_dot_split(tl.trans(dy), xa1, xa2, xa3, FP32_DOT, DY_BF16)
+    return part_dxa, part_db
+
+
+@triton.jit
+def _lora_dy_kernel(
+    DY, B, XA, DXA_PART, DB_PART, M, N, RANK, N_PER_SPLIT,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xm, stride_xr,
+    stride_das, stride_dam, stride_dar, stride_dbs, stride_dbn, stride_dbr,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P: tl.constexpr,
+    FP32_DOT: tl.constexpr, DY_BF16: tl.constexpr,
+):
+    """dxa = scale * dy @ B and dB = scale * dy^T @ xa from ONE read of dy (the widest tensor of
+    the LoRA backward): program (i, j) takes rows [2*BLOCK_M*i, +2*BLOCK_M) of dy and the j-th
+    range of N_PER_SPLIT columns, in [BLOCK_M, BLOCK_N] tiles (two row halves: each dot's reduction
+    stays BLOCK_M long, see the module docstring). It writes its partial dxa [rows, r] (summed over
+    its columns) to DXA_PART[j] and, per column tile, its partial dB [cols, r] (summed over its
+    rows) to DB_PART[i]; the caller adds the partials in a fixed order."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = tl.arange(0, RANK_P)
+    r_mask = offs_r < RANK
+    rows_a = pid_m * (2 * BLOCK_M) + tl.arange(0, BLOCK_M)
+    rows_b = rows_a + BLOCK_M
+    ma = rows_a < M
+    mb = rows_b < M
+    rows_a = rows_a.to(tl.int64)
+    rows_b = rows_b.to(tl.int64)
+    xa_a = tl.load(XA + rows_a[:, None] * stride_xm + offs_r[None, :] * stride_xr,
+                   mask=ma[:, None] & r_mask[None, :], other=0.0)
+    xa_b = tl.load(XA + rows_b[:, None] * stride_xm + offs_r[None, :] * stride_xr,
+                   mask=mb[:, None] & r_mask[None, :], other=0.0)
+    # xa's exact 3-way bf16 split, once for all the column tiles.
+    a1, a2, a3 = _split3_for_dot(xa_a, FP32_DOT)
+    b1, b2, b3 = _split3_for_dot(xa_b, FP32_DOT)
+    acc_a = tl.zeros((BLOCK_M, RANK_P), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, RANK_P), dtype=tl.float32)
+    n_start = pid_s * N_PER_SPLIT
+    n_end = min(N, n_start + N_PER_SPLIT)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_end
+        dxa_a, db_a = _dy_rows(DY, B, rows_a, offs_n, ma, n_mask, r_mask, offs_r, stride_dym, stride_dyn,
+                               stride_bn, stride_br, a1, a2, a3, FP32_DOT, DY_BF16)
+        dxa_b, db_b = _dy_rows(DY, B, rows_b, offs_n, mb, n_mask, r_mask, offs_r, stride_dym, stride_dyn,
+                               stride_bn, stride_br, b1, b2, b3, FP32_DOT, DY_BF16)
+        acc_a += dxa_a
+        acc_b += dxa_b
+        cols = offs_n.to(tl.int64)
+        tl.store(DB_PART + pid_m * stride_dbs + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                 (db_a + db_b) * scale, mask=n_mask[:, None] & r_mask[None, :])
+    tl.store(DXA_PART + pid_s * stride_das + rows_a[:, None] * stride_dam + offs_r[None, :] * stride_dar,
+             acc_a * scale, mask=ma[:, None] & r_mask[None, :])
+    tl.store(DXA_PART + pid_s * stride_das + rows_b[:, None] * stride_dam + offs_r[None, :] * stride_dar,
+             acc_b * scale, mask=mb[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -233,19 +331,20 @@ def rank_r_project(p: torch.Tensor, q: torch.Tensor, scale: float = 1.0) -> torc
     rank_p = _rank_p(r)
     interp = interpreted()
     block_m, block_k = (16, 32) if interp else (64, 128)
-    m_tiles = triton.cdiv(M, block_m)
-    # Split the reduction until the SMs are covered twice; the fp32 partials are added below in a
-    # fixed order (deterministic).
-    split = max(1, min(triton.cdiv(max(K, 1), block_k), triton.cdiv(2 * _sm_count(p.device), max(m_tiles, 1))))
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), block_k) * block_k
+    # The reduction is split in pieces of _K_PER_SPLIT (from K alone, so the grid does not depend on
+    # the token count); the fp32 partials are added below in a fixed order (deterministic).
+    # (Interpreted, pieces of 128 keep the partial sums exercised at test sizes.)
+    piece = 128 if interp else (2 * _K_PER_SPLIT if K >= 8192 else _K_PER_SPLIT)
+    k_per_split = max(block_k, min(triton.cdiv(max(K, 1), block_k) * block_k, piece))
+    split = triton.cdiv(max(K, 1), k_per_split)
     partial = torch.empty((split, M, r), dtype=torch.float32, device=p.device)
     if M == 0:
         return partial[0]
-    _rank_r_project_kernel[(m_tiles, split)](
+    launch(_rank_r_project_kernel, p)[(triton.cdiv(M, block_m), split)](
         p, q, partial, M, K, r, k_per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), float(scale),
         BLOCK_M=block_m, BLOCK_K=block_k, RANK_P=rank_p, FP32_DOT=interp, P_BF16=p.dtype == torch.bfloat16,
-        num_warps=4)
+        num_warps=4, num_stages=2)
     return partial[0] if split == 1 else partial.sum(0)
 
 
@@ -267,18 +366,59 @@ def rank_r_weight_grad(p: torch.Tensor, low: torch.Tensor, scale: float = 1.0, t
     n_tiles = triton.cdiv(N, block_n)
     # Enough programs to cover the SMs twice: each sums its share of the tokens into its own fp32
     # partial, and the partials are added below in a fixed order (deterministic).
-    split = max(1, min(triton.cdiv(max(M, 1), block_m), triton.cdiv(2 * _sm_count(p.device), max(n_tiles, 1))))
-    m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), block_m) * block_m
+    split = max(1, triton.cdiv(2 * _sm_count(p.device), max(n_tiles, 1)))
     partial = torch.empty((split, r, N) if transpose else (split, N, r), dtype=torch.float32, device=p.device)
     s_on, s_or = (partial.stride(2), partial.stride(1)) if transpose else (partial.stride(1), partial.stride(2))
     if N == 0:
         return partial[0]
-    _rank_r_weight_grad_kernel[(n_tiles, split)](
-        p, low, partial, M, N, r, m_per_split,
+    launch(_rank_r_weight_grad_kernel, p)[(n_tiles, split)](
+        p, low, partial, M, N, r, split,
         p.stride(0), p.stride(1), low.stride(0), low.stride(1), partial.stride(0), s_on, s_or,
         float(scale), BLOCK_M=block_m, BLOCK_N=block_n, RANK_P=rank_p, FP32_DOT=interp,
         P_BF16=p.dtype == torch.bfloat16, num_warps=4)
     return partial[0] if split == 1 else partial.sum(0)
+
+
+def lora_dy_grads(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dxa, dB) = (scale * dy @ b, scale * dy^T @ xa) in fp32 from one read of dy.
+
+    dy [M, N] bf16/fp16, b [N, r] fp32 (LoRA's B, or the block diagonal of a group's), xa [M, r]
+    fp32. Returns dxa [M, r] and dB [N, r]. The same products as rank_r_project(dy, b, scale) and
+    rank_r_weight_grad(dy, xa, scale), with the same precision (fresh accumulators per block)."""
+    _check("lora_dy_grads", dy, b)
+    _check("lora_dy_grads", dy, xa)
+    M, N = dy.shape
+    r = b.shape[1]
+    if b.shape[0] != N or xa.shape != (M, r):
+        raise ValueError(f"lora_dy_grads: dy {tuple(dy.shape)}, b {tuple(b.shape)} and xa {tuple(xa.shape)} "
+                         f"do not chain")
+    rank_p = _rank_p(r)
+    interp = interpreted()
+    if rank_p > _DY_FUSED_MAX_RANK:
+        # Wide rank tiles (a q/k/v group: r = 48 -> 64) make the fused kernel slower than two passes
+        # (benchmarks/lora_kernels_sweep.py: 147 us at dy 4096x6144 on the H200).
+        return rank_r_project(dy, b, scale), rank_r_weight_grad(dy, xa, scale)
+    # Launch shape from benchmarks/lora_kernels_sweep.py (H200): 4 warps and 2 stages beat 8 and 3 by
+    # 30% at dy 4096x14336.
+    block_m, block_n = (16, 32) if interp else (128, 64)
+    # Columns shared out statically (from N only: the token count may change under dynamic shapes);
+    # rows in blocks of 2 * block_m. Partials: dxa [n_splits, M, r], dB [row blocks, N, r].
+    n_splits = max(1, min(triton.cdiv(N, 64 if interp else _DY_COLS_PER_SPLIT_MIN), _DY_SPLITS))
+    n_per_split = triton.cdiv(triton.cdiv(max(N, 1), n_splits), block_n) * block_n
+    m_blocks = triton.cdiv(M, 2 * block_m)
+    dxa_part = torch.empty((n_splits, M, r), dtype=torch.float32, device=dy.device)
+    db_part = torch.empty((m_blocks, N, r), dtype=torch.float32, device=dy.device)
+    if M == 0 or N == 0:
+        return dxa_part.new_zeros(M, r), db_part.new_zeros(N, r)
+    launch(_lora_dy_kernel, dy)[(m_blocks, n_splits)](
+        dy, b, xa, dxa_part, db_part, M, N, r, n_per_split,
+        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), xa.stride(0), xa.stride(1),
+        dxa_part.stride(0), dxa_part.stride(1), dxa_part.stride(2), db_part.stride(0), db_part.stride(1),
+        db_part.stride(2), float(scale),
+        BLOCK_M=block_m, BLOCK_N=block_n, RANK_P=rank_p, FP32_DOT=interp, DY_BF16=dy.dtype == torch.bfloat16,
+        num_warps=4, num_stages=2)
+    return (dxa_part[0] if n_splits == 1 else dxa_part.sum(0)), (db_part[0] if m_blocks == 1 else db_part.sum(0))
 
 
 def lora_outer(low: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype,
@@ -298,8 +438,10 @@ def lora_outer(low: torch.Tensor, right: torch.Tensor, scale: float, dtype: torc
         return out
     interp = interpreted()
     block_m, block_n = (16, 32) if interp else (64, 128)
-    _lora_outer_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        low, right, bias if bias is not None else out, out, M, N, r,
+    launch(_lora_outer_kernel, low)[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        # Without a bias the kernel never reads BIAS; `low` stands in (not `out`: an output passed as
+        # a second argument too makes torch.compile copy it first, as if the kernel read it).
+        low, right, bias if bias is not None else low, out, M, N, r,
         low.stride(0), low.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
         float(scale), BLOCK_M=block_m, BLOCK_N=block_n, RANK_P=_rank_p(r), HAS_BIAS=bias is not None,
         FP32_DOT=interp, SOFT_BF16=interp, num_warps=4)

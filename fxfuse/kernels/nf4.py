@@ -30,15 +30,18 @@ bug, rows whose length is a multiple of 16 but not of the blocksize (e.g. 96 wit
 for which its 16-wide path takes the wrong absmax. QLoRA weights (NF4, rows of whole blocks,
 |w| >> 1e-38) meet none of these.
 
-Two details keep it exact. On the GPU, Triton contracts a multiply followed by an add into one
-fused multiply-add (one rounding instead of two) unless told not to; the absmax restore above is
-such a pair, so the kernel is launched with `enable_fp_fusion=False`. (It has no other add.) And
-Triton's interpreter truncates fp32 -> bf16, so when interpreted the bf16 rounding is done by hand
-(`common.round_to`).
+Two details keep it exact. On the GPU, ptxas contracts a multiply followed by an add into one
+fused multiply-add (one rounding instead of two); the absmax restore above is such a pair, so its
+add is an explicit `add.rn.f32` (inline PTX), which is never contracted. (The kernel has no other
+add.) And Triton's interpreter truncates fp32 -> bf16, so when interpreted the bf16 rounding is
+done by hand (`common.round_to`).
 
-Each program handles ROWS whole quantization blocks: a [ROWS, blocksize // 2] tile of packed
-bytes, whose two nibbles are decoded, scaled by the row's absmax (loaded, or restored, once per
-row, not once per element) and interleaved back into a [ROWS, blocksize] tile of outputs.
+Two kernels. The fast one, for weights of whole 32-bit words of codes (8 elements: every Llama
+shape), reads the packed codes as words and writes the two values of each byte side by side as one
+integer twice the element width: each thread stores what it loaded, so no value changes threads
+and the stores are full-width and coalesced. The general one (any size and alignment) decodes a
+[ROWS, blocksize / 2] tile of bytes and interleaves the two nibbles' values into the output tile,
+which costs a shuffle through shared memory. Both scale a whole quantization block by one absmax.
 This module knows nothing of graphs or autograd; callers own those.
 """
 from __future__ import annotations
@@ -50,11 +53,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreted, round_to
+from .common import interpreted, launch, round_to
 
 __all__ = [
     "NF4_CODE", "FP4_CODE", "NF4_VALUES", "FP4_VALUES", "BLOCKSIZES",
-    "dequantize_nf4", "dequantize_4bit", "dequantize_params4bit",
+    "dequantize_nf4", "dequantize_4bit", "dequantize_4bit_stacked", "dequantize_params4bit",
 ]
 
 # The 16 NF4 values of bitsandbytes (`bitsandbytes.functional.get_4bit_type("nf4")`), in code
@@ -88,81 +91,197 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Output elements per program: ROWS = _TILE_ELEMS // blocksize quantization blocks (at least one).
-# 4096 outputs are 2 KiB of packed input and 8 KiB of bf16 output per program.
+# Work per program. The fast path: 1024 words of packed codes (4 KiB in, 8192 outputs, 16 KiB of
+# bf16 out). The general path: ROWS = _TILE_ELEMS // blocksize quantization blocks (at least one).
+_WORDS_PER_PROGRAM = 1024
 _TILE_ELEMS = 4096
+# The fast path's decode: a table lookup (True) or the select tree (False). See the kernel.
+_LOOKUP = True
 _NUM_WARPS = 4
+_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# Two outputs side by side: the integer of twice the element width.
+_PAIR_DTYPE = {2: torch.int32, 4: torch.int64}
+
+
+# The tables as compile-time constants: the kernel selects among them (no gather from memory).
+_NF4 = tl.constexpr(NF4_VALUES)
+_FP4 = tl.constexpr(FP4_VALUES)
 
 
 @triton.jit
-def _lookup8(nibble, CODE: tl.constexpr, BASE: tl.constexpr):
-    """CODE[BASE + (nibble & 7)], CODE a constexpr tuple of floats (each becomes an fp32 constant)."""
+def _lookup8(nibble, BASE: tl.constexpr, IS_FP4: tl.constexpr):
+    """TABLE[BASE + (nibble & 7)] (TABLE the NF4 or the FP4 values) as fp32."""
     # A binary tree of selects on the low three bits, as bitsandbytes' own CUDA and Triton kernels
-    # do: the table lives in the instructions, so there is no gather from memory per element.
+    # do: the table lives in the instructions.
     b0 = (nibble & 1) != 0
     b1 = (nibble & 2) != 0
     b2 = (nibble & 4) != 0
-    v0 = tl.where(b0, CODE[BASE + 1], CODE[BASE + 0])
-    v1 = tl.where(b0, CODE[BASE + 3], CODE[BASE + 2])
-    v2 = tl.where(b0, CODE[BASE + 5], CODE[BASE + 4])
-    v3 = tl.where(b0, CODE[BASE + 7], CODE[BASE + 6])
+    if IS_FP4:
+        v0 = tl.where(b0, _FP4[BASE + 1], _FP4[BASE + 0])
+        v1 = tl.where(b0, _FP4[BASE + 3], _FP4[BASE + 2])
+        v2 = tl.where(b0, _FP4[BASE + 5], _FP4[BASE + 4])
+        v3 = tl.where(b0, _FP4[BASE + 7], _FP4[BASE + 6])
+    else:
+        v0 = tl.where(b0, _NF4[BASE + 1], _NF4[BASE + 0])
+        v1 = tl.where(b0, _NF4[BASE + 3], _NF4[BASE + 2])
+        v2 = tl.where(b0, _NF4[BASE + 5], _NF4[BASE + 4])
+        v3 = tl.where(b0, _NF4[BASE + 7], _NF4[BASE + 6])
     w0 = tl.where(b1, v1, v0)
     w1 = tl.where(b1, v3, v2)
     return tl.where(b2, w1, w0)
 
 
 @triton.jit
-def _decode(nibble, absmax, CODE: tl.constexpr, SIGN_BIT: tl.constexpr):
+def _decode(nibble, absmax, IS_FP4: tl.constexpr):
     """The fp32 value of 4-bit codes `nibble` scaled by `absmax`: one multiply (and a sign)."""
     negative = (nibble & 8) != 0
-    if SIGN_BIT:
+    if IS_FP4:
         # FP4 is sign-magnitude: bitsandbytes' CUDA kernel multiplies the magnitude by the sign
         # and absmax, which makes code 8 (sign set, magnitude 0) -0.0. Multiplying by -1 flips
         # the sign exactly and keeps -0.0 (Triton's unary minus is 0 - x, which turns -0.0 into
         # +0.0, and the interpreter drops the sign of a -0.0 constant, so neither is used).
-        return _lookup8(nibble, CODE, 0) * absmax * tl.where(negative, -1.0, 1.0)
+        return _lookup8(nibble, 0, True) * absmax * tl.where(negative, -1.0, 1.0)
     else:
-        return tl.where(negative, _lookup8(nibble, CODE, 8), _lookup8(nibble, CODE, 0)) * absmax
+        return tl.where(negative, _lookup8(nibble, 8, False), _lookup8(nibble, 0, False)) * absmax
+
+
+@triton.jit
+def _code_table(IS_FP4: tl.constexpr):
+    """[16] fp32: the signed code values (FP4's code 8 is -0.0, as bitsandbytes' CUDA kernel gives it)."""
+    code = tl.arange(0, 16)
+    table = tl.zeros([16], tl.float32)
+    for j in tl.static_range(16):
+        if IS_FP4:
+            if j == 8:
+                # Built as -1 * 0.0: the interpreter drops the sign of a -0.0 constant.
+                table = tl.where(code == j, -1.0 * tl.zeros([16], tl.float32), table)
+            else:
+                table = tl.where(code == j, _FP4[j], table)
+        else:
+            table = tl.where(code == j, _NF4[j], table)
+    return table
+
+
+@triton.jit
+def _gather_codes(table, nibbles, BLOCK: tl.constexpr):
+    """table[nibbles] for a [BLOCK, 4] tile (tl.gather wants a 1-D index here)."""
+    return tl.reshape(tl.gather(table, tl.reshape(nibbles, (BLOCK * 4,)), 0), (BLOCK, 4))
+
+
+@triton.jit
+def _add_rn(a, b, INTERPRETED: tl.constexpr):
+    """a + b in fp32, one IEEE rounding, never contracted with a preceding multiply into an FMA."""
+    if INTERPRETED:
+        return a + b  # numpy: plain IEEE fp32 add
+    else:
+        # An add with an explicit rounding mode is never fused by ptxas (PTX ISA, "add"); this keeps
+        # the absmax restore two roundings, as in bitsandbytes, without disabling FMA for the kernel.
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _bits_of(values, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """`values` (fp32) rounded to `dtype` as torch rounds, as unsigned bits of the same width."""
+    rounded = round_to(values, dtype, INTERPRETED)
+    if dtype == tl.float32:
+        return rounded.to(tl.uint32, bitcast=True)
+    else:
+        return rounded.to(tl.uint16, bitcast=True)
+
+
+@triton.jit
+def _block_absmax(ABSMAX, ABSMAX2, CODE2, OFFSET, blocks, mask, NESTED: tl.constexpr, QBLOCK2: tl.constexpr,
+                  INTERPRETED: tl.constexpr):
+    """The fp32 absmax of quantization blocks `blocks`."""
+    if NESTED:
+        # Restored from its 8-bit code as bitsandbytes does: first the blockwise dequantization
+        # (one fp32 multiply), then `absmax += offset` (one fp32 add, kept apart from the
+        # multiply: see _add_rn).
+        q = tl.load(ABSMAX + blocks, mask=mask, other=0)
+        scale2 = tl.load(ABSMAX2 + blocks // QBLOCK2, mask=mask, other=0.0)
+        absmax = tl.load(CODE2 + q) * scale2  # q < 256 always (0 on masked rows): no mask
+        return _add_rn(absmax, tl.load(OFFSET) + tl.zeros_like(absmax), INTERPRETED)
+    else:
+        return tl.load(ABSMAX + blocks, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequant_4bit_words_kernel(
+    WORDS, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT_PAIRS, pair_offset, n_words,
+    OUT_KIND: tl.constexpr, IS_FP4: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+    NESTED: tl.constexpr, QBLOCK2: tl.constexpr, LOOKUP: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """The fast path: whole 32-bit words of packed codes (8 elements each) in, pairs of outputs out.
+
+    A program reads BLOCK_WORDS words and writes, for each, its 4 bytes' output pairs (the two
+    values of a byte side by side in one integer twice the element width, element 2j in the low
+    half: little-endian) as one [BLOCK_WORDS, 4] tile. Each thread decodes the words it loaded and
+    stores their pairs contiguously: no value changes threads, so no shuffle through shared memory,
+    and the stores are full-width and coalesced."""
+    pid = tl.program_id(0)
+    words = pid.to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
+    mask = words < n_words
+    w = tl.load(WORDS + words, mask=mask, other=0)
+    # Eight elements per word, so a quantization block is QBLOCK // 8 whole words.
+    absmax = _block_absmax(ABSMAX, ABSMAX2, CODE2, OFFSET, words // (QBLOCK // 8), mask, NESTED, QBLOCK2,
+                           INTERPRETED)
+    t = tl.arange(0, 4)
+    byte = (w[:, None] >> (8 * t[None, :])) & 0xFF  # byte t of each word (the mask undoes the sign)
+    if LOOKUP:
+        # The 16 signed code values as a table in shared memory (tl.gather), one conflict-free
+        # load per value instead of a tree of 15 selects: the select tree makes this kernel
+        # ALU-bound (measured: benchmarks/lora_kernels_sweep.py). Same fp32 value, same multiply.
+        table = _code_table(IS_FP4)
+        hi = _gather_codes(table, byte >> 4, BLOCK_WORDS) * absmax[:, None]
+        lo = _gather_codes(table, byte & 0xF, BLOCK_WORDS) * absmax[:, None]
+    else:
+        hi = _decode(byte >> 4, absmax[:, None], IS_FP4)
+        lo = _decode(byte & 0xF, absmax[:, None], IS_FP4)
+    # OUT_KIND: 0 bf16, 1 fp16 (pairs in int32), 2 fp32 (pairs in int64).
+    if OUT_KIND == 2:
+        pair = _bits_of(hi, tl.float32, INTERPRETED).to(tl.uint64) | (
+            _bits_of(lo, tl.float32, INTERPRETED).to(tl.uint64) << 32)
+    elif OUT_KIND == 1:
+        pair = _bits_of(hi, tl.float16, INTERPRETED).to(tl.uint32) | (
+            _bits_of(lo, tl.float16, INTERPRETED).to(tl.uint32) << 16)
+    else:
+        pair = _bits_of(hi, tl.bfloat16, INTERPRETED).to(tl.uint32) | (
+            _bits_of(lo, tl.bfloat16, INTERPRETED).to(tl.uint32) << 16)
+    tl.store(OUT_PAIRS + pair_offset + words[:, None] * 4 + t[None, :],
+             pair.to(OUT_PAIRS.dtype.element_ty, bitcast=True), mask=mask[:, None])
 
 
 @triton.jit
 def _dequant_4bit_kernel(
-    PACKED, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT,
+    PACKED, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT, out_offset,
     n_elements, n_bytes, n_blocks,
-    CODE: tl.constexpr, SIGN_BIT: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
-    NESTED: tl.constexpr, QBLOCK2: tl.constexpr, SOFT_BF16: tl.constexpr,
+    IS_FP4: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
+    NESTED: tl.constexpr, QBLOCK2: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    """The general path: any element count and alignment.
+
+    A program handles ROWS whole quantization blocks: a [ROWS, QBLOCK // 2] tile of packed bytes,
+    whose two nibbles are decoded, scaled by the row's absmax (loaded, or restored, once per row)
+    and interleaved back into a [ROWS, QBLOCK] tile of outputs."""
     HALF: tl.constexpr = QBLOCK // 2  # packed bytes per quantization block
     pid = tl.program_id(0)
     # Quantization-block indices of this tile's rows; int64 so that block * QBLOCK (an element
     # offset) cannot overflow for weights of more than 2^31 elements.
     blocks = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     block_mask = blocks < n_blocks
-
     byte_offs = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
     # Past the last byte (a ragged last block, or rows past the end) load 0; those outputs are
     # masked at the store.
     packed = tl.load(PACKED + byte_offs, mask=byte_offs < n_bytes, other=0)
-
-    if NESTED:
-        # Restore the fp32 absmax of each row from its 8-bit code, as bitsandbytes does: first the
-        # blockwise dequantization (one fp32 multiply), then `absmax += offset` (one fp32 add).
-        # The launch disables FMA contraction, so these stay two roundings on the GPU too.
-        q = tl.load(ABSMAX + blocks, mask=block_mask, other=0)
-        scale2 = tl.load(ABSMAX2 + blocks // QBLOCK2, mask=block_mask, other=0.0)
-        absmax = tl.load(CODE2 + q) * scale2  # q < 256 always (0 on masked rows): no mask
-        absmax = absmax + tl.load(OFFSET)
-    else:
-        absmax = tl.load(ABSMAX + blocks, mask=block_mask, other=0.0)
-
+    absmax = _block_absmax(ABSMAX, ABSMAX2, CODE2, OFFSET, blocks, block_mask, NESTED, QBLOCK2, INTERPRETED)
     # High nibble first: byte j holds elements 2j (bits 7..4) and 2j+1 (bits 3..0). Each value is
     # one fp32 product, rounded once below.
-    hi = _decode(packed >> 4, absmax[:, None], CODE, SIGN_BIT)
-    lo = _decode(packed & 0xF, absmax[:, None], CODE, SIGN_BIT)
+    hi = _decode(packed >> 4, absmax[:, None], IS_FP4)
+    lo = _decode(packed & 0xF, absmax[:, None], IS_FP4)
     values = tl.interleave(hi, lo)  # [ROWS, QBLOCK]: hi, lo, hi, lo, ...
-
     out_offs = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    tl.store(OUT + out_offs, round_to(values, OUT.dtype.element_ty, SOFT_BF16),
+    tl.store(OUT + out_offset + out_offs, round_to(values, OUT.dtype.element_ty, INTERPRETED),
              mask=out_offs < n_elements)
 
 
@@ -218,22 +337,8 @@ def _offset_tensor(offset, device: torch.device) -> torch.Tensor:
                      f"got {type(offset).__name__}")
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, *,
-                    quant_type: str = "nf4", blocksize: int = 64, nested=None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize a bitsandbytes 4-bit weight, bit for bit as bitsandbytes does (module docstring).
-
-    packed: the packed codes, uint8, contiguous, any shape, ceil(prod(shape) / 2) elements (the
-        `Params4bit` data; view other `quant_storage` dtypes as uint8 first).
-    absmax: fp32 [ceil(prod(shape) / blocksize)] for single quantization; for double quantization
-        the uint8 codes of the same length, with
-    nested: (absmax2 fp32 [ceil(nblocks / blocksize2)], code2 fp32 [256], offset, blocksize2), i.e.
-        (quant_state.state2.absmax, quant_state.state2.code, quant_state.offset,
-        quant_state.state2.blocksize); offset a float or a 1-element tensor.
-    shape: the weight's shape (e.g. [out_features, in_features]); dtype: bf16, fp16 or fp32.
-    quant_type: "nf4" or "fp4"; blocksize: a power of two in BLOCKSIZES.
-    Returns a contiguous tensor of `shape` and `dtype` (`out`, written in full, if given).
-    """
+def _prepare(packed, absmax, shape, dtype, quant_type, blocksize, nested):
+    """Validate one weight's arguments; returns (shape, kernel inputs, constexprs, n)."""
     if quant_type not in _CODES:
         raise ValueError(f"dequantize_4bit: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if dtype not in _DTYPES:
@@ -252,9 +357,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: to
     device = packed.device
 
     n = math.prod(shape)
-    n_bytes = _cdiv(n, 2)
     n_blocks = _cdiv(n, blocksize)
-    _check_tensor("packed", packed, torch.uint8, n_bytes, device)
+    _check_tensor("packed", packed, torch.uint8, _cdiv(n, 2), device)
     if nested is None:
         _check_tensor("absmax", absmax, torch.float32, n_blocks, device)
         absmax2 = code2 = offset = absmax  # not read by the kernel
@@ -270,7 +374,53 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: to
         _check_tensor("nested absmax2", absmax2, torch.float32, _cdiv(n_blocks, blocksize2), device)
         _check_tensor("nested code2", code2, torch.float32, 256, device)
         offset = _offset_tensor(offset, device)
+    consts = dict(IS_FP4=quant_type == "fp4", QBLOCK=blocksize, NESTED=nested is not None, QBLOCK2=blocksize2,
+                  INTERPRETED=interpreted(), num_warps=_NUM_WARPS)
+    return shape, (packed, absmax, absmax2, code2, offset), consts, n
 
+
+def _aligned(t: torch.Tensor, nbytes: int) -> bool:
+    # From the storage offset, not data_ptr(): also answers for fake tensors while torch.compile
+    # traces (the allocator aligns every storage's start far more than this).
+    return t.storage_offset() * t.element_size() % nbytes == 0
+
+
+def _launch_words(inputs, consts, n, out_pairs, pair_offset, dtype):
+    """Fast path: n (a multiple of 8) outputs as pairs into out_pairs[pair_offset:]."""
+    packed, absmax, absmax2, code2, offset = inputs
+    n_words = n // 8
+    launch(_dequant_4bit_words_kernel, packed)[(_cdiv(n_words, _WORDS_PER_PROGRAM),)](
+        packed.view(-1).view(torch.int32), absmax, absmax2, code2, offset, out_pairs, pair_offset, n_words,
+        OUT_KIND=_OUT_KIND[dtype], BLOCK_WORDS=_WORDS_PER_PROGRAM, LOOKUP=_LOOKUP, **consts)
+
+
+def _launch_general(inputs, consts, n, out_flat, out_offset):
+    """General path: n outputs into out_flat[out_offset:] (any n, any alignment)."""
+    packed, absmax, absmax2, code2, offset = inputs
+    n_blocks = _cdiv(n, consts["QBLOCK"])
+    rows = max(1, _TILE_ELEMS // consts["QBLOCK"])
+    launch(_dequant_4bit_kernel, packed)[(_cdiv(n_blocks, rows),)](
+        packed, absmax, absmax2, code2, offset, out_flat, out_offset, n, _cdiv(n, 2), n_blocks, ROWS=rows, **consts)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, *,
+                    quant_type: str = "nf4", blocksize: int = 64, nested=None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight, bit for bit as bitsandbytes does (module docstring).
+
+    packed: the packed codes, uint8, contiguous, any shape, ceil(prod(shape) / 2) elements (the
+        `Params4bit` data; view other `quant_storage` dtypes as uint8 first).
+    absmax: fp32 [ceil(prod(shape) / blocksize)] for single quantization; for double quantization
+        the uint8 codes of the same length, with
+    nested: (absmax2 fp32 [ceil(nblocks / blocksize2)], code2 fp32 [256], offset, blocksize2), i.e.
+        (quant_state.state2.absmax, quant_state.state2.code, quant_state.offset,
+        quant_state.state2.blocksize); offset a float or a 1-element tensor.
+    shape: the weight's shape (e.g. [out_features, in_features]); dtype: bf16, fp16 or fp32.
+    quant_type: "nf4" or "fp4"; blocksize: a power of two in BLOCKSIZES.
+    Returns a contiguous tensor of `shape` and `dtype` (`out`, written in full, if given).
+    """
+    shape, inputs, consts, n = _prepare(packed, absmax, shape, dtype, quant_type, blocksize, nested)
+    device = packed.device
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     else:
@@ -283,18 +433,45 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: to
             raise ValueError("dequantize_4bit: out must be contiguous")
     if n == 0:
         return out
-
-    rows = max(1, _TILE_ELEMS // blocksize)
-    _dequant_4bit_kernel[(_cdiv(n_blocks, rows),)](
-        packed, absmax, absmax2, code2, offset, out,
-        n, n_bytes, n_blocks,
-        CODE=_CODES[quant_type], SIGN_BIT=quant_type == "fp4", QBLOCK=blocksize, ROWS=rows,
-        NESTED=nested is not None, QBLOCK2=blocksize2, SOFT_BF16=interpreted(),
-        num_warps=_NUM_WARPS,
-        # Keep `code2 * absmax2 + offset` two roundings, as in bitsandbytes (see the docstring).
-        enable_fp_fusion=False,
-    )
+    size = out.element_size()
+    if n % 8 == 0 and _aligned(packed, 4) and _aligned(out, 2 * size):
+        _launch_words(inputs, consts, n, out.view(-1).view(_PAIR_DTYPE[size]), 0, dtype)
+    else:
+        _launch_general(inputs, consts, n, out.view(-1), 0)
     return out
+
+
+def dequantize_4bit_stacked(weights, dtype: torch.dtype, *, quant_type: str = "nf4",
+                            blocksize: int = 64) -> torch.Tensor:
+    """Several 4-bit weights of one row length, dequantized into one [sum of rows, cols] tensor.
+
+    weights: a sequence of (packed, absmax, nested, (rows, cols)) as for `dequantize_4bit`. The
+    stacked buffer is allocated here and each kernel writes its rows at an offset into it (no views
+    of it are written through: the launches stay plain mutations of one tensor when torch.compile
+    traces them)."""
+    cols = {tuple(w[3])[1] for w in weights}
+    if len(weights) == 0 or len(cols) != 1:
+        raise ValueError("dequantize_4bit_stacked: give one or more weights of the same row length")
+    prepared = [_prepare(p, a, shape, dtype, quant_type, blocksize, nested) for p, a, nested, shape in weights]
+    rows = sum(shape[0] for shape, *_ in prepared)
+    cols = cols.pop()
+    device = weights[0][0].device
+    size = torch.empty((), dtype=dtype).element_size()
+    if all(n % 8 == 0 and _aligned(inputs[0], 4) for _, inputs, _, n in prepared):
+        pairs = torch.empty(rows * cols // 2, dtype=_PAIR_DTYPE[size], device=device)
+        start = 0
+        for _, inputs, consts, n in prepared:
+            if n:
+                _launch_words(inputs, consts, n, pairs, start // 2, dtype)
+            start += n
+        return pairs.view(dtype).view(rows, cols)
+    out = torch.empty(rows * cols, dtype=dtype, device=device)
+    start = 0
+    for _, inputs, consts, n in prepared:
+        if n:
+            _launch_general(inputs, consts, n, out, start)
+        start += n
+    return out.view(rows, cols)
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, *,

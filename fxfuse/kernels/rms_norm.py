@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import div_rn, interpreted, round_to
+from .common import div_rn, interpreted, launch, round_to
 
 __all__ = ["MAX_HIDDEN", "rms_norm_forward", "rms_norm_backward"]
 
@@ -89,10 +89,13 @@ def _rstd(sum_sq, N, eps, ACC: tl.constexpr):
     # `/` and tl.sqrt on fp32 are approximate on NVIDIA GPUs (div.full, sqrt.approx); these run
     # once per row, so the correctly rounded forms cost nothing measurable. For fp64, `/` and
     # tl.sqrt already are the IEEE ones (sqrt_rn/div_rn accept only fp32).
+    # N as a tensor of sum_sq's type: under Inductor a size it knows statically arrives as a constant,
+    # which div_rn (tensors only) would refuse.
+    n = tl.zeros_like(sum_sq) + N
     if ACC == tl.float64:
-        return 1.0 / tl.sqrt(sum_sq / N + eps)
+        return 1.0 / tl.sqrt(sum_sq / n + eps)
     else:
-        return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(sum_sq, N * 1.0) + eps))
+        return tl.math.div_rn(tl.full(sum_sq.shape, 1.0, tl.float32), tl.sqrt_rn(tl.math.div_rn(sum_sq, n) + eps))
 
 
 @triton.jit
@@ -174,7 +177,8 @@ def _rms_norm_bwd_kernel(
             # rounding instead of drifting by an equally accurate but different one.
             g = round_to(g, DX.dtype.element_ty, SOFT_BF16).to(ACC)
         # d/dx of w * x * rstd(x): rstd * (g - xhat * mean(g * xhat)); eps is inside rstd.
-        c = div_rn(tl.sum(g * xhat, axis=1), N * 1.0, ACC)
+        gx = tl.sum(g * xhat, axis=1)
+        c = div_rn(gx, tl.zeros_like(gx) + N, ACC)
         dx = rstd[:, None] * (g - xhat * c[:, None])
         tl.store(DX + offs, round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask)
 
@@ -251,13 +255,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_backward_programs(device: torch.device, num_row_blocks: int) -> int:
+def _num_backward_programs(device: torch.device) -> int:
     if device.type == "cuda" and not interpreted():
         idx = device.index if device.index is not None else torch.cuda.current_device()
         target = _sm_count(idx) * _BWD_PROGRAMS_PER_SM
     else:
         target = _BWD_PROGRAMS_INTERPRETED
-    return max(1, min(num_row_blocks, target))
+    # Not fewer for a short M: the count must not depend on the token count (one compiled graph for
+    # every length under torch.compile's dynamic shapes); a program without rows writes a zero partial.
+    return max(1, target)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -323,7 +329,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
 
     block_m, block_n = _blocks(n)
     grid = (_cdiv(m, block_m),)
-    _rms_norm_fwd_kernel[grid](
+    launch(_rms_norm_fwd_kernel, x)[grid](
         x, weight, out, rstd_out,
         m, n, float(eps),
         BLOCK_M=block_m, BLOCK_N=block_n,
@@ -361,14 +367,15 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         return dx_out, dw
 
     block_m, block_n = _blocks(n, _BWD_TILE_ELEMS)
-    programs = _num_backward_programs(x.device, _cdiv(m, block_m))
+    programs = _num_backward_programs(x.device)
     acc_tl, acc_torch = _acc(x.dtype)
     soft = interpreted()
     recompute = x.dtype == torch.float32 and eps is not None
-    # Every program gets at least one row block and stores its whole partial row: empty() is safe.
-    # Without dw the kernel never touches the pointer; dx_out stands in for it.
-    partial = torch.empty((programs, n), dtype=acc_torch, device=x.device) if need_weight_grad else dx_out
-    _rms_norm_bwd_kernel[(programs,)](
+    # Every program stores its whole partial row (zeros if it had no rows): empty() is safe.
+    # Without dw the kernel never touches the pointer; rstd stands in for it (not dx_out: an output
+    # passed twice makes torch.compile copy it first).
+    partial = torch.empty((programs, n), dtype=acc_torch, device=x.device) if need_weight_grad else rstd
+    launch(_rms_norm_bwd_kernel, x)[(programs,)](
         dy, x, weight, rstd, dx_out, partial,
         m, n, float(eps) if recompute else 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, NEED_DW=bool(need_weight_grad),
@@ -380,7 +387,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         return dx_out, None
 
     dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-    _sum_partials_kernel[(_cdiv(n, _DW_BLOCK_C),)](
+    launch(_sum_partials_kernel, x)[(_cdiv(n, _DW_BLOCK_C),)](
         partial, dw, programs, n,
         BLOCK_R=_DW_BLOCK_R, BLOCK_C=_DW_BLOCK_C, ACC=acc_tl, SOFT_BF16=soft,
         num_warps=4,

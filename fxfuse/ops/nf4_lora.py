@@ -11,14 +11,17 @@ fp32 epilogue (addmm), so y is rounded once where PEFT rounds three times. Saved
 x and xa. No fp32 copy of x, no dequantized weight kept.
 
 Backward (all rank-r intermediates in fp32, kernels in `kernels/lora_matmul.py`):
-    dxa = s * dy @ blockdiag(B_g)          [M, sum r]
-    dB  = s * dy^T @ xa    (diagonal blocks)
+    dxa = s * dy @ blockdiag(B_g)          [M, sum r]   } one read of dy
+    dB  = s * dy^T @ xa    (diagonal blocks)            }
     dA  = dxa^T @ x        (row blocks)
     dx  = dy @ W_cat + dxa @ A_cat          (W dequantized again; dxa @ A_cat in addmm's epilogue)
 
 Stock PEFT rounds the adapter term to x.dtype, the frozen product, and their sum (and in the
 backward the two dx terms) separately; here each output is rounded once, so it is at least as
 accurate (tests/test_nf4_lora.py measures both against float64).
+
+Both ops are registered through `library.triton_op_or_custom_op`: on the GPU torch.compile traces into
+them and Inductor launches their kernels (no Python per call at run time).
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.lora_matmul import MAX_RANK, lora_outer, rank_r_project, rank_r_weight_grad
-from ..kernels.nf4 import dequantize_4bit
+from ..kernels.lora_matmul import MAX_RANK, lora_dy_grads, lora_outer, rank_r_project, rank_r_weight_grad
+from ..kernels.nf4 import dequantize_4bit_stacked
+from .library import triton_op_or_custom_op
 
 __all__ = ["nf4_lora_linear", "lora_linear_group", "MAX_GROUP_RANK"]
 
@@ -41,14 +45,9 @@ def _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_feat
     """The frozen weights of the group, stacked: [sum N_g, K] in `dtype`."""
     if quant_type == "none":
         return weights[0] if len(weights) == 1 else torch.cat(weights, 0)
-    w = torch.empty((sum(out_features), in_features), dtype=dtype, device=weights[0].device)
-    row = 0
-    for i, n in enumerate(out_features):
-        nested = None if absmax2[i] is None else (absmax2[i], code2[i], offset[i], blocksize2)
-        dequantize_4bit(weights[i].view(torch.uint8).reshape(-1), absmax[i], (n, in_features), dtype,
-                        quant_type=quant_type, blocksize=blocksize, nested=nested, out=w[row:row + n])
-        row += n
-    return w
+    specs = [(w.view(torch.uint8).reshape(-1), a, None if a2 is None else (a2, c2, o, blocksize2), (n, in_features))
+             for w, a, a2, c2, o, n in zip(weights, absmax, absmax2, code2, offset, out_features)]
+    return dequantize_4bit_stacked(specs, dtype, quant_type=quant_type, blocksize=blocksize)
 
 
 def _block_diag(mats):
@@ -59,7 +58,14 @@ def _cat(mats):
     return mats[0] if len(mats) == 1 else torch.cat(mats, 0)
 
 
-@torch.library.custom_op("fxfuse::lora_linear", mutates_args=())
+def _forward_fake(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type,
+                  out_features, in_features, blocksize, blocksize2):
+    m = x.numel() // in_features
+    return (x.new_empty(*x.shape[:-1], sum(out_features)),
+            x.new_empty(m, sum(a.shape[0] for a in lora_A), dtype=torch.float32))
+
+
+@triton_op_or_custom_op("fxfuse::lora_linear", fake=_forward_fake)
 def lora_linear_op(x: Tensor, weights: list[Tensor], absmax: list[Optional[Tensor]],
                    absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]], offset: list[Optional[Tensor]],
                    lora_A: list[Tensor], lora_B: list[Tensor], bias: Optional[Tensor], scaling: float,
@@ -70,19 +76,17 @@ def lora_linear_op(x: Tensor, weights: list[Tensor], absmax: list[Optional[Tenso
                        blocksize2, x.dtype)
     xa = rank_r_project(x2, _cat(lora_A).t())
     y = lora_outer(xa, _block_diag(lora_B).t(), scaling, x.dtype, bias=bias)
-    y.addmm_(x2, w.t())
+    y = torch.addmm(y, x2, w.t())
     return y.view(*x.shape[:-1], y.shape[-1]), xa
 
 
-@lora_linear_op.register_fake
-def _(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type, out_features,
-      in_features, blocksize, blocksize2):
-    m = x.numel() // in_features
-    return (x.new_empty(*x.shape[:-1], sum(out_features)),
-            x.new_empty(m, sum(a.shape[0] for a in lora_A), dtype=torch.float32))
+def _backward_fake(dy, x, xa, weights, absmax, absmax2, code2, offset, lora_A, lora_B, scaling, quant_type,
+                   out_features, in_features, blocksize, blocksize2, need_dx):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), [torch.empty_like(a) for a in lora_A],
+            [torch.empty_like(b) for b in lora_B])
 
 
-@torch.library.custom_op("fxfuse::lora_linear_backward", mutates_args=())
+@triton_op_or_custom_op("fxfuse::lora_linear_backward", fake=_backward_fake)
 def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Tensor], absmax: list[Optional[Tensor]],
                             absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]],
                             offset: list[Optional[Tensor]], lora_A: list[Tensor], lora_B: list[Tensor],
@@ -92,8 +96,8 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Ten
     x2 = x.reshape(-1, in_features)
     dy2 = dy.reshape(-1, sum(out_features))
     a_cat = _cat(lora_A)
-    dxa = rank_r_project(dy2, _block_diag(lora_B), scaling)
-    db_full = rank_r_weight_grad(dy2, xa, scaling)
+    # dxa and dB from one read of dy; dA from one read of x.
+    dxa, db_full = lora_dy_grads(dy2, _block_diag(lora_B), xa, scaling)
     da_cat = rank_r_weight_grad(x2, dxa, 1.0, transpose=True)
     d_a, d_b, row, col = [], [], 0, 0
     for a, n in zip(lora_A, out_features):
@@ -105,19 +109,10 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Ten
     if need_dx:
         w = _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features,
                            blocksize, blocksize2, x.dtype)
-        dx = lora_outer(dxa, a_cat, 1.0, x.dtype)
-        dx.addmm_(dy2, w)
-        dx = dx.view(x.shape)
+        dx = torch.addmm(lora_outer(dxa, a_cat, 1.0, x.dtype), dy2, w).view(x.shape)
     else:
         dx = x.new_empty(0)
     return dx, d_a, d_b
-
-
-@lora_linear_backward_op.register_fake
-def _(dy, x, xa, weights, absmax, absmax2, code2, offset, lora_A, lora_B, scaling, quant_type, out_features,
-      in_features, blocksize, blocksize2, need_dx):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), [torch.empty_like(a) for a in lora_A],
-            [torch.empty_like(b) for b in lora_B])
 
 
 _N_ARGS = 15
@@ -166,6 +161,8 @@ def lora_linear_group(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B
 
 def nf4_lora_linear(x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, scaling, quant_type,
                     out_features, in_features, blocksize, blocksize2, bias=None):
-    """PEFT `lora.Linear4bit.forward` (one active adapter, dropout 0) on a 4-bit (NF4 or FP4) base."""
+    """PEFT LoRA (one active adapter, dropout 0) of one projection: `lora.Linear4bit.forward` on a 4-bit
+    (quant_type "nf4" or "fp4") base, or `lora.Linear.forward` on a plain one (quant_type "none":
+    `packed` is the bf16/fp16 weight, the quantization arguments None/0)."""
     return lora_linear_group(x, [packed], [absmax], [s2_absmax], [s2_code], [offset], [lora_A], [lora_B], bias,
                              scaling, quant_type, [out_features], in_features, blocksize, blocksize2)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from .cross_entropy import MEAN as CAUSAL_LM_LOSS, SUM as CAUSAL_LM_LOSS_SUM
-from .lora_nf4 import PATTERN as NF4_LORA
+from .lora import NF4_LORA, PLAIN_LORA, PLAIN_LORA_BIAS
 from .rms_norm import PATTERN as RMS_NORM
 from .rope import PATTERN as ROPE
 from .swiglu import PATTERN as SWIGLU
 
-BUILTIN_PATTERNS = [RMS_NORM, NF4_LORA, ROPE, SWIGLU, CAUSAL_LM_LOSS_SUM, CAUSAL_LM_LOSS]
+BUILTIN_PATTERNS = [RMS_NORM, NF4_LORA, PLAIN_LORA, PLAIN_LORA_BIAS, ROPE, SWIGLU, CAUSAL_LM_LOSS_SUM, CAUSAL_LM_LOSS]
 
 __all__ = ["BUILTIN_PATTERNS"]

@@ -1,8 +1,14 @@
-"""Pattern: PEFT `lora.Linear4bit.forward` on a bitsandbytes NF4/FP4 base (one adapter, dropout 0),
-and its post pass, which merges the projections that read the same input (q/k/v, gate/up) into one
-call: one read of x for the adapters' down-projections, one GEMM over the stacked weights."""
+"""Patterns: PEFT LoRA (one adapter, dropout 0) on a frozen base, as `fxfuse::lora_linear`.
+
+- `nf4_lora`: `lora.Linear4bit.forward` on a bitsandbytes NF4/FP4 base, and its post pass, which
+  merges the projections that read the same input (q/k/v, gate/up) into one call: one read of x for
+  the adapters' down-projections, one dequantization pass and one GEMM over the stacked weights.
+- `lora`, `lora_bias`: `lora.Linear.forward` on a plain bf16/fp16 `nn.Linear` (without and with a
+  frozen bias). Not grouped: stacking plain weights would copy them on every call, where 4-bit
+  weights are dequantized into the stacked buffer anyway."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import defaultdict
 
@@ -27,9 +33,33 @@ def peft_lora_linear_4bit(x, weight, lora_A, lora_B, scaling):
     return result + output
 
 
+def peft_lora_linear(x, weight, lora_A, lora_B, scaling):
+    # peft.tuners.lora.layer.Linear.forward, vanilla LoRA, one active adapter, no bias: the sum is
+    # formed in the adapter's dtype (type promotion), then cast back to the base's output dtype
+    result = torch.nn.functional.linear(x, weight)
+    torch_result_dtype = result.dtype
+    x = x.to(lora_A.dtype)
+    result = result + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
+    return result.to(torch_result_dtype)
+
+
+def peft_lora_linear_bias(x, weight, bias, lora_A, lora_B, scaling):
+    # the same with the base layer's bias
+    result = torch.nn.functional.linear(x, weight, bias)
+    torch_result_dtype = result.dtype
+    x = x.to(lora_A.dtype)
+    result = result + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
+    return result.to(torch_result_dtype)
+
+
 def _examples():
     return (torch.randn(2, 3, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16),
             torch.randn(4, 16), torch.randn(24, 4), 2.0)
+
+
+def _examples_bias():
+    x, w, a, b, s = _examples()
+    return x, w, torch.randn(24, dtype=torch.bfloat16), a, b, s
 
 
 def _spec(match):
@@ -96,6 +126,8 @@ def group_shared_input(gm: fx.GraphModule) -> list[str]:
             a_val = _value(a)
             if a_val is None:
                 continue
+            if qt == "none":
+                continue  # plain bases: see the module docstring
             families[(x, scaling, qt, in_f, bs, bs2, s2 is None, bias is None, a_val.dtype)].append(n)
     lines = []
     for members in families.values():
@@ -138,7 +170,7 @@ def group_shared_input(gm: fx.GraphModule) -> list[str]:
     return lines
 
 
-PATTERN = Pattern(
+NF4_LORA = Pattern(
     name="nf4_lora",
     description="PEFT LoRA on a bitsandbytes NF4 Linear4bit (base GEMM, clone, fp32 adapter path, add)",
     reference=peft_lora_linear_4bit,
@@ -164,4 +196,68 @@ PATTERN = Pattern(
         C.triton_device("x", "lora_A", "lora_B"),
         _adapter_shapes,
     ),
+)
+
+
+def _plain_base(match):
+    w, x = match.value("weight"), match.value("x")
+    if w.dim() != 2:
+        return f"base weight of shape {tuple(w.shape)} is not 2-D"
+    if w.requires_grad:
+        return "the base weight is trainable (not a frozen LoRA base): its gradient is not computed here"
+    if w.dtype != x.dtype:
+        return f"base weight is {w.dtype}, input {x.dtype}: the kernels read both in one dtype"
+    if "bias" in match.bindings:
+        bias = match.value("bias")
+        if bias.requires_grad:
+            return "the base layer's bias is trainable (PEFT bias='all'/'lora_only'): not supported"
+        if bias.dtype != x.dtype or tuple(bias.shape) != (w.shape[0],):
+            return f"base bias {bias.dtype} {tuple(bias.shape)} does not fit the base {tuple(w.shape)}"
+
+
+def _plain_adapter_shapes(match):
+    a, b, x, w = match.value("lora_A"), match.value("lora_B"), match.value("x"), match.value("weight")
+    out_f, in_f = w.shape
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+        return f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base {out_f}x{in_f}"
+    if x.shape[-1] != in_f:
+        return f"input features {x.shape[-1]} != {in_f}"
+    if a.shape[0] > MAX_GROUP_RANK:
+        return f"LoRA rank {a.shape[0]} > {MAX_GROUP_RANK}: not supported by the rank-r kernels"
+
+
+def _plain_arguments(match):
+    w = match.value("weight")
+    bias = match.bindings.get("bias")
+    return (match.bindings["x"], match.bindings["weight"], None, None, None, None, match.bindings["lora_A"],
+            match.bindings["lora_B"], match.bindings["scaling"], "none", w.shape[0], w.shape[1], 0, 0, bias)
+
+
+_PLAIN_CONSTRAINTS = (
+    C.dtype_in("x", (torch.bfloat16, torch.float16)),
+    C.dtype_in("lora_A", (torch.float32,)),
+    C.same_dtype("lora_A", "lora_B"),
+    C.triton_device("x", "weight", "lora_A", "lora_B"),
+    _plain_base,
+    _plain_adapter_shapes,
+)
+
+PLAIN_LORA = Pattern(
+    name="lora",
+    description="PEFT LoRA on a plain bf16/fp16 nn.Linear (base GEMM, fp32 adapter path, sum, cast)",
+    reference=peft_lora_linear,
+    replacement=nf4_lora_linear,
+    example_inputs=_examples,
+    scalars=("scaling",),
+    arguments=_plain_arguments,
+    constraints=_PLAIN_CONSTRAINTS,
+)
+
+PLAIN_LORA_BIAS = dataclasses.replace(
+    PLAIN_LORA,
+    name="lora_bias",
+    description="PEFT LoRA on a plain bf16/fp16 nn.Linear with a frozen bias",
+    reference=peft_lora_linear_bias,
+    example_inputs=_examples_bias,
+    _graph=None,  # traced afresh from its own reference
 )

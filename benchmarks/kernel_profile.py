@@ -1,0 +1,178 @@
+"""Where a step's GPU time goes: torch.profiler kernel tables for the QLoRA training step and the LoRA op.
+
+    python benchmarks/kernel_profile.py step [--layers 4] [--variant fxfuse] [--options '{"disable": ["nf4_lora"]}']
+    python benchmarks/kernel_profile.py lora [--case "gate,up group"]
+
+`step`: the training step of benchmarks/foundation.py (Llama-3-8B shapes, NF4 double quant, LoRA r=16 on all
+linears, batch 2 x 2048, checkpointing, AdamW), warmed up, then profiled over a few steps. Prints the wall
+time per step, the GPU's busy time per step (the sum of kernel times: their difference is time the GPU
+waited for the host), kernel time by category, and the top kernels. `lora`: the same for one fwd+bwd of
+`fxfuse::lora_linear` (and of the stock path) at the projection shapes of benchmarks/nf4_lora.py.
+Writes JSON with --json. Measurement only: no pass/fail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+# Kernel name -> category. First match wins.
+CATEGORIES = [
+    ("gemm (cuBLAS/CUTLASS)", r"gemm|nvjet|cutlass|sm90_xmma|xmma_|cublas|gemv|splitKreduce"),
+    ("attention", r"flash|fmha|attention|cudnn|sdpa"),
+    ("fxfuse dequant", r"_dequant_4bit"),
+    ("fxfuse rank-r", r"_rank_r|_lora_outer|_lora_dy"),
+    ("fxfuse other", r"_rms_norm|_rope|_swiglu|_cross_entropy|_flash_attn|_fxfuse"),
+    ("bitsandbytes", r"kDequantize|kgemm_4bit|dequantize|bnb"),
+    ("inductor triton", r"^triton_"),
+    ("copies/casts (aten)", r"copy|cast|convert|to_copy|CatArrayBatched|cat_"),
+    ("elementwise/reduce (aten)", r"elementwise|vectorized|reduce|unrolled|Reduce|index|scatter|gather|fill"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+]
+
+
+def categorize(name: str) -> str:
+    for cat, rx in CATEGORIES:
+        if re.search(rx, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def kernel_table(prof, iters: int) -> dict:
+    """Per-iteration device time (ms) by kernel name and by category, from a finished profiler."""
+    per_kernel = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        name = evt.name
+        k = per_kernel.setdefault(name, [0.0, 0])
+        k[0] += t / 1e3 / iters
+        k[1] += 1 / iters
+    cats = {}
+    for name, (ms, _) in per_kernel.items():
+        cats[categorize(name)] = cats.get(categorize(name), 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:30]
+    return {"busy_ms": sum(v[0] for v in per_kernel.values()),
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:110], "ms": v[0], "calls": v[1]} for n, v in top]}
+
+
+def print_table(title: str, wall_ms: float, table: dict) -> None:
+    print(f"\n### {title}\n")
+    print(f"wall {wall_ms:.2f} ms per iteration; GPU busy {table['busy_ms']:.2f} ms "
+          f"({100 * table['busy_ms'] / wall_ms:.0f}%)\n")
+    print("| category | ms | share of busy |\n|---|---|---|")
+    for cat, ms in table["categories"].items():
+        print(f"| {cat} | {ms:.3f} | {100 * ms / table['busy_ms']:.1f}% |")
+    print("\n| kernel | ms | calls |\n|---|---|---|")
+    for row in table["top"][:20]:
+        print(f"| `{row['kernel']}` | {row['ms']:.3f} | {row['calls']:.0f} |")
+
+
+def profile(fn, warmup: int, iters: int):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / iters
+    with tprofile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return wall, kernel_table(prof, iters)
+
+
+def run_step(args) -> dict:
+    import fxfuse
+    from foundation import LLAMA3_8B
+    from qlora_llama import batch, build
+    model, _ = build(layers=args.layers, checkpointing=not args.no_ckpt, double_quant=True, device="cuda",
+                     twin=False, rank=16, **LLAMA3_8B)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs = batch(vocab=LLAMA3_8B["vocab_size"], b=args.batch, t=args.seq, seed=1, device="cuda")
+    run = model
+    if args.variant == "fxfuse":
+        run = torch.compile(model, backend="fxfuse", options=json.loads(args.options or "{}"))
+    elif args.variant == "inductor":
+        run = torch.compile(model)
+
+    def step():
+        loss = run(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    wall, table = profile(step, warmup=2, iters=args.iters)
+    title = f"step: {args.variant} {args.options or ''} ({args.layers} layers, {args.batch}x{args.seq}, " \
+            f"ckpt {'off' if args.no_ckpt else 'on'})"
+    print_table(title, wall, table)
+    fired = fxfuse.last_report().counts() if args.variant == "fxfuse" else {}
+    print(f"\nfirst step {first:.1f} s; fired {fired}; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return {"what": "step", "variant": args.variant, "options": args.options, "wall_ms": wall, "first_s": first,
+            "fired": fired, **table}
+
+
+def run_lora(args) -> dict:
+    import nf4_lora as bench
+    out = {}
+    for name, shapes in bench.CASES.items():
+        if args.case and not name.startswith(args.case):
+            continue
+        for system in args.systems.split(","):
+            x, projs, dys = bench._make(shapes, args.tokens, 16)
+            dys = bench._grads_for(system, dys)
+            fn = bench._system_fns(system, x, projs)
+            params = [x] + [t for _, _, a, b in projs for t in (a, b)]
+
+            def step():
+                torch.autograd.grad(fn(), params, dys)
+            wall, table = profile(step, warmup=5, iters=args.iters)
+            print_table(f"lora: {system}, {name}, {args.tokens} tokens", wall, table)
+            out[f"{system}: {name}"] = {"wall_ms": wall, **table}
+            torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["step", "lora"])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--no-ckpt", action="store_true")
+    ap.add_argument("--variant", default="fxfuse", choices=["stock", "inductor", "fxfuse"])
+    ap.add_argument("--options", default=None, help="fxfuse options as JSON")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--case", default=None)
+    ap.add_argument("--systems", default="fxfuse-compiled,stock")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    res = run_step(args) if args.what == "step" else run_lora(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
