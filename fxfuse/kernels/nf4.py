@@ -103,7 +103,8 @@ _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PAIR_DTYPE = {2: torch.int32, 4: torch.int64}
 
 
-# The tables as compile-time constants: the kernel selects among them (no gather from memory).
+# The tables as compile-time constants: the general path selects among them (_decode); the fast path
+# builds a 16-entry table from them in shared memory and gathers from it (_code_table).
 _NF4 = tl.constexpr(NF4_VALUES)
 _FP4 = tl.constexpr(FP4_VALUES)
 
