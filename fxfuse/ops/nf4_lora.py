@@ -7,8 +7,9 @@ One call computes one projection, or a group of projections that read the same x
 Forward: the 4-bit weights are dequantized (Triton, bit-identical to bitsandbytes) into one
 buffer [sum N_g, K]; xa = x @ A_cat^T ([M, sum r_g], fp32) in one read of x; the adapter term
 (fp32, plus the bias) is written once in x.dtype and cuBLAS adds the frozen product to it in its
-fp32 epilogue (addmm), so y is rounded once where PEFT rounds three times. Saved for backward:
-x and xa. No fp32 copy of x, no dequantized weight kept.
+fp32 epilogue (addmm): y = rnd(x W^T + rnd(adapter term)), where PEFT rounds the frozen product, the
+adapter term and their sum. Saved for backward: x and xa. No fp32 copy of x, no dequantized weight
+kept.
 
 Backward (all rank-r intermediates in fp32, kernels in `kernels/lora_matmul.py`):
     dxa = s * dy @ blockdiag(B_g)          [M, sum r]   } one read of dy
@@ -17,8 +18,9 @@ Backward (all rank-r intermediates in fp32, kernels in `kernels/lora_matmul.py`)
     dx  = dy @ W_cat + dxa @ A_cat          (W dequantized again; dxa @ A_cat in addmm's epilogue)
 
 Stock PEFT rounds the adapter term to x.dtype, the frozen product, and their sum (and in the
-backward the two dx terms) separately; here each output is rounded once, so it is at least as
-accurate (tests/test_nf4_lora.py measures both against float64).
+backward the two dx terms) separately; here the frozen product, by far the larger term, is never
+rounded on its own, so each output is at least as accurate (tests/test_nf4_lora.py measures both
+against float64).
 
 Both ops are registered through `library.triton_op_or_custom_op`: on the GPU torch.compile traces into
 them and Inductor launches their kernels (no Python per call at run time).
