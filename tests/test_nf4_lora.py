@@ -276,3 +276,12 @@ def test_plain_base_declines_dropout_with_the_reason():
     assert "lora" not in rep.counts(), str(rep)
     reasons = [d.reason for d in rep.declines if d.pattern == "lora"]
     assert len(reasons) == 7, str(rep)
+
+
+@pytest.mark.parametrize("quant_type,pattern", [("nf4", "nf4_lora"), ("none", "lora")])
+def test_rank_above_the_kernels_limit_is_declined_with_the_reason(quant_type, pattern):
+    model, _ = build(layers=1, twin=False, quant_type=quant_type, rank=136)
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    assert pattern not in rep.counts(), str(rep)
+    reasons = [d.reason for d in rep.declines if d.pattern == pattern and "rank 136" in d.reason]
+    assert len(reasons) == 7, str(rep)

@@ -93,13 +93,19 @@ def _4bit_state(match):
             return "the base layer's bias is trainable (PEFT bias='all'/'lora_only'): not supported"
 
 
-def _adapter_shapes(match):
+def _adapter_fits(match, out_f, in_f):
+    """The adapter (A [r, K], B [N, r]) and the input fit a base of out_f x in_f, within the kernels' rank."""
     a, b, x = match.value("lora_A"), match.value("lora_B"), match.value("x")
-    out_f, in_f = _spec(match).shape
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
         return f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base {out_f}x{in_f}"
     if x.shape[-1] != in_f:
         return f"input features {x.shape[-1]} != {in_f}"
+    if a.shape[0] > MAX_GROUP_RANK:
+        return f"LoRA rank {a.shape[0]} > {MAX_GROUP_RANK}: not supported by the rank-r kernels"
+
+
+def _adapter_shapes(match):
+    return _adapter_fits(match, *_spec(match).shape)
 
 
 def _arguments(match):
@@ -216,14 +222,7 @@ def _plain_base(match):
 
 
 def _plain_adapter_shapes(match):
-    a, b, x, w = match.value("lora_A"), match.value("lora_B"), match.value("x"), match.value("weight")
-    out_f, in_f = w.shape
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
-        return f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base {out_f}x{in_f}"
-    if x.shape[-1] != in_f:
-        return f"input features {x.shape[-1]} != {in_f}"
-    if a.shape[0] > MAX_GROUP_RANK:
-        return f"LoRA rank {a.shape[0]} > {MAX_GROUP_RANK}: not supported by the rank-r kernels"
+    return _adapter_fits(match, *match.value("weight").shape)
 
 
 def _plain_arguments(match):
