@@ -78,9 +78,9 @@ def sweep_dequant(results):
 
     def run(cfg):
         Q._dequant_4bit_words_kernel[(triton.cdiv(n // 8, cfg["BLOCK_WORDS"]),)](
-            words, st.absmax, st.state2.absmax, st.state2.code, offset, out, 0, n // 8,
+            words, st.absmax, st.state2.absmax, st.state2.code, offset, out, 0, n // 8, k // 8, 0,
             OUT_KIND=0, IS_FP4=False, QBLOCK=64, BLOCK_WORDS=cfg["BLOCK_WORDS"], NESTED=True, QBLOCK2=256,
-            LOOKUP=cfg["LOOKUP"], INTERPRETED=False, num_warps=cfg["num_warps"])
+            LOOKUP=cfg["LOOKUP"], INTERPRETED=False, PADDED=False, num_warps=cfg["num_warps"])
         return out
     results.append(sweep("dequant 14336x4096 (words)", n // 2 + n // 64 + 2 * n, run,
                          grid(LOOKUP=[False, True], BLOCK_WORDS=[512, 1024], num_warps=[4, 8]),
@@ -102,9 +102,10 @@ def sweep_project(results):
             split = triton.cdiv(k, kps)
             part = torch.empty(split, M, 16, device="cuda")
             L._rank_r_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), split)](
-                x, q, part, M, k, 16, kps, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-                part.stride(0), part.stride(1), part.stride(2), 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-                RANK_P=16, FP32_DOT=False, P_BF16=True, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                x, q, part, q, M, k, 16, kps, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+                part.stride(0), part.stride(1), part.stride(2), 0, 1.0, BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_K=cfg["BLOCK_K"], RANK_P=16, FP32_DOT=False, P_BF16=True, COPY_P=False,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return part.sum(0)
         results.append(sweep(f"rank_r_project x {M}x{k}", M * k * 2, run,
                              grid(BLOCK_M=[64, 128], BLOCK_K=[128], K_PER_SPLIT=[1024, 2048],
@@ -147,10 +148,11 @@ def sweep_dy(results):
             dxa = torch.empty(splits, M, r, device="cuda")
             db = torch.empty(mb, n, r, device="cuda")
             L._lora_dy_kernel[(mb, splits)](
-                dy, b, xa, dxa, db, M, n, r, nps, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+                dy, b, xa, dxa, db, b, M, n, r, nps, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
                 xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), dxa.stride(2), db.stride(0),
-                db.stride(1), db.stride(2), 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], RANK_P=rp,
-                FP32_DOT=False, DY_BF16=True, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                db.stride(1), db.stride(2), 0, 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], RANK_P=rp,
+                FP32_DOT=False, DY_BF16=True, COPY_DY=False, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
             return torch.cat([dxa.sum(0).flatten(), db.sum(0).flatten()])
         results.append(sweep(f"lora_dy dy {M}x{n} r={r}", M * n * 2, run,
                              grid(BLOCK_M=[64, 128], BLOCK_N=[32, 64], SPLITS=[8, 16, 32], num_warps=[4],
@@ -167,9 +169,9 @@ def sweep_outer(results):
 
         def run(cfg):
             L._lora_outer_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
-                low, right, out, out, M, n, 16, low.stride(0), low.stride(1), right.stride(0), right.stride(1),
-                out.stride(0), out.stride(1), 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], RANK_P=16,
-                HAS_BIAS=False, FP32_DOT=False, SOFT_BF16=False, num_warps=cfg["num_warps"])
+                low, right, low, out, M, n, 16, n, n, 16, 16, low.stride(0), low.stride(1), right.stride(0),
+                right.stride(1), out.stride(0), out.stride(1), 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                RANK_P=16, GROUPS=1, HAS_BIAS=False, FP32_DOT=False, SOFT_BF16=False, num_warps=cfg["num_warps"])
             return out
         results.append(sweep(f"lora_outer out {M}x{n}", M * n * 2, run,
                              grid(BLOCK_M=[64, 128, 256], BLOCK_N=[64, 128, 256], num_warps=[4, 8]),

@@ -2,7 +2,8 @@
 `fxfuse::lora_linear` against the stock path (bitsandbytes MatMul4Bit + PEFT's fp32 adapter path)
 and Unsloth's fast LoRA kernels, at the Llama-3-8B projection shapes, each system in its own process.
 
-    python benchmarks/nf4_lora.py [--tokens 4096] [--rank 16] [--json benchmarks/results/nf4_lora.json]
+    python benchmarks/nf4_lora.py [--tokens 4096] [--rank 16] [--repeats 3] [--widening-variants 1]
+                                  [--json benchmarks/results/nf4_lora.json]
 
 Cases: the four projection shapes alone, and the groups that share their input (q/k/v, gate/up),
 which stock and Unsloth's LoRA_W run one projection at a time, and fxfuse in one call. Systems:
@@ -28,6 +29,7 @@ GROUPS = {"q,k,v group 4096->4096+1024+1024": [(4096, 4096), (1024, 4096), (1024
           "gate,up group 4096->2x14336": [(14336, 4096), (14336, 4096)]}
 CASES = {**SINGLE, **GROUPS}
 SCALING = 2.0
+EXACTNESS_CASES = ("q/o 4096->4096", "down 14336->4096", "gate,up group 4096->2x14336")
 SYSTEMS = ("stock", "fxfuse", "fxfuse-compiled", "unsloth")
 
 
@@ -130,6 +132,12 @@ def _grads_for(system, dys):
 
 def time_system(system, tokens, rank) -> dict:
     import triton
+    if "@" in system:
+        # A variant of the compiled op: "fxfuse-compiled@W" K-extends the forward where y is at
+        # least W times wider than x (fxfuse/ops/nf4_lora.py; 1 extends every widening forward).
+        import fxfuse.ops.nf4_lora as op
+        system, widening = system.split("@")
+        op._EXTEND_FORWARD_MIN_WIDENING = float(widening)
     out = {}
     for name, shapes in CASES.items():
         x, projs, dys = _make(shapes, tokens, rank)
@@ -162,30 +170,37 @@ def time_system(system, tokens, rank) -> dict:
 
 
 def exactness(tokens, rank) -> dict:
-    """y, dx, dA, dB of fxfuse and stock against float64 at 4096->4096 (RMS and max errors)."""
+    """y, dx, dA, dB of fxfuse and stock against float64 for EXACTNESS_CASES (RMS and max errors)."""
     from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
 
     from fxfuse.testing import assert_exact
-    x, projs, dys = _make([(4096, 4096)], tokens, rank, seed=7)
-    q, st, a, b = projs[0]
     res = {}
     systems = ("stock", "fxfuse", "fxfuse-compiled")
-    ys = {s: _system_fns(s, x, projs)()[0] for s in systems}
-    grads = {s: torch.autograd.grad(ys[s], (x, a, b), dys[0]) for s in ys}
-    w64 = bnb_dequantize(q, st).double()
-    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
-    y64 = x64 @ w64.t() + (x64 @ a64.t()) @ b64.t() * SCALING
-    g64 = torch.autograd.grad(y64, (x64, a64, b64), dys[0].double())
-    for system in systems[1:]:
-        for name, ours, ref, stock in (("y", ys[system], y64, ys["stock"]),
-                                       *[(n, grads[system][i], g64[i], grads["stock"][i])
-                                         for i, n in enumerate(("dx", "dA", "dB"))]):
-            try:
-                e = assert_exact(name, ours, ref, stock)
-                e["pass"] = True
-            except AssertionError as err:
-                e = {"pass": False, "error": str(err)}
-            res[f"{system} {name}"] = e
+    # One case per GEMM form of the op: the adapter term both ways (q/o), a K-extended backward
+    # (down), a K-extended forward (the gate,up group).
+    for case in EXACTNESS_CASES:
+        x, projs, dys = _make(CASES[case], tokens, rank, seed=7)
+        params = [x] + [t for _, _, a, b in projs for t in (a, b)]
+        dy = torch.cat(dys, dim=-1)
+        ys = {s: torch.cat(_system_fns(s, x, projs)(), dim=-1) for s in systems}
+        grads = {s: torch.autograd.grad(ys[s], params, dy) for s in ys}
+        p64 = [t.detach().double().requires_grad_() for t in params]
+        y64 = torch.cat([p64[0] @ bnb_dequantize(q, st).double().t() + (p64[0] @ p64[1 + 2 * i].t())
+                         @ p64[2 + 2 * i].t() * SCALING for i, (q, st, _, _) in enumerate(projs)], dim=-1)
+        g64 = torch.autograd.grad(y64, p64, dy.double())
+        names = ["dx"] + [f"{n}{i}" if len(projs) > 1 else n for i in range(len(projs)) for n in ("dA", "dB")]
+        for system in systems[1:]:
+            for name, ours, ref, stock in (("y", ys[system], y64, ys["stock"]),
+                                           *[(n, grads[system][i], g64[i], grads["stock"][i])
+                                             for i, n in enumerate(names)]):
+                try:
+                    e = assert_exact(name, ours, ref, stock)
+                    e["pass"] = True
+                except AssertionError as err:
+                    e = {"pass": False, "error": str(err)}
+                res[f"{case}: {system} {name}"] = e
+        del x, projs, dys, ys, grads, p64, y64, g64
+        torch.cuda.empty_cache()
     return res
 
 
@@ -238,6 +253,26 @@ def dequant_speed() -> list:
     return rows
 
 
+def _median_of_runs(runs: list) -> dict:
+    """One system's results over repeated runs: per case and figure the median, the runs kept beside."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    out = {}
+    for case in good[0]:
+        entries = [r[case] for r in good if case in r and "error" not in r[case]]
+        if not entries:
+            out[case] = good[-1][case]
+            continue
+        merged = {}
+        for key in entries[0]:
+            vals = sorted(e[key] for e in entries if e.get(key) is not None)
+            merged[key] = vals[len(vals) // 2] if vals else None
+            merged[key + "_runs"] = [e.get(key) for e in entries]
+        out[case] = merged
+    return out
+
+
 def results_table(systems: dict, tokens: int, rank: int) -> str:
     """Markdown: per case, device time (CUDA-graph replay) and wall time (do_bench) of every system,
     fxfuse's ratios to stock, and the extra peak memory."""
@@ -275,6 +310,12 @@ def main():
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "nf4_lora.json"))
     ap.add_argument("--dequant-only", action="store_true", help="only the dequantization checks and timing")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every system this many times, interleaved, each in a fresh process; the tables give "
+                         "medians (a single run's figures moved by up to 6%% between machines)")
+    ap.add_argument("--widening-variants", default="",
+                    help="comma-separated W: also time fxfuse-compiled@W, the forward K-extended where y is at least "
+                         "W times wider than x")
     args = ap.parse_args()
     if args.dequant_only:
         rows = dequant_bit_equal()
@@ -291,26 +332,36 @@ def main():
     n_eq = sum(r["bit_equal"] for r in rows)
     print(f"NF4 dequantization bit-equal to bitsandbytes CUDA: {n_eq}/{len(rows)}")
     exact = exactness(args.tokens, args.rank)
-    print(f"exactness at 4096->4096, {args.tokens} tokens (fxfuse vs stock, RMS error against float64):")
+    print(f"exactness, {args.tokens} tokens (fxfuse vs stock, RMS error against float64):")
     for k, v in exact.items():
         print(f"  {k}: {'PASS' if v['pass'] else 'FAIL'} " +
               (f"rms {v['rms']:.3e} vs stock {v['stock_rms']:.3e}; max {v['max']:.3e} vs {v['stock_max']:.3e}"
                if v["pass"] else v["error"]))
 
-    systems = {}
-    for system in SYSTEMS:
-        env = dict(os.environ)
-        if system == "unsloth" and args.unsloth_site:
-            env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
-            env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--system", system, "--tokens",
-                               str(args.tokens), "--rank", str(args.rank)], capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        systems[system] = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
-        print(f"{system}: {'ok' if 'error' not in systems[system] else systems[system]['error']}", flush=True)
+    variants = [f"fxfuse-compiled@{w}" for w in args.widening_variants.split(",") if w]
+    runs = {system: [] for system in (*SYSTEMS, *variants)}
+    for _ in range(args.repeats):
+        for system in runs:
+            env = dict(os.environ)
+            if system == "unsloth" and args.unsloth_site:
+                env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
+                env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--system", system, "--tokens",
+                                   str(args.tokens), "--rank", str(args.rank)], capture_output=True, text=True,
+                                  env=env)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
+            runs[system].append(res)
+            print(f"{system}: {'ok' if 'error' not in res else res['error']}", flush=True)
+    systems = {system: _median_of_runs(rs) for system, rs in runs.items()}
 
     table = results_table(systems, args.tokens, args.rank)
     print("\n" + table)
+    if variants:
+        print("\n| case | device ms: stock / fxfuse-compiled / " + " / ".join(variants) + " |\n|---|---|")
+        for name in CASES:
+            vals = [systems[sy].get(name, {}).get("device_ms") for sy in ("stock", "fxfuse-compiled", *variants)]
+            print(f"| {name} | " + " / ".join("n/a" if v is None else f"{v:.3f}" for v in vals) + " |")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,

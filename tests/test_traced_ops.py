@@ -4,11 +4,13 @@ buffers of their own, one graph for every token count.
 On the GPU the ops are `torch.library.triton_op`s (fxfuse/ops/library.py): AOTAutograd decomposes
 them and Inductor launches their kernels. Three things must hold, and all are decided before any
 kernel runs, so a CPU can check them (tests/traced_ops_child.py: meta tensors and an sm_90 target):
-- no op stays an opaque call (it would cost a Python call per step);
+- no op stays an opaque call (it would cost a Python call per step), but for the cuBLAS addmm that
+  adds the frozen product in place (fxfuse/ops/nf4_lora.py says why), which must stay in place;
 - torch's analysis of each kernel's TTIR finds that it writes only buffers the op allocated, each
-  passed once: a kernel seen writing one of its inputs, or a buffer it also gets under another
-  name, makes Inductor copy that tensor first (x or dy: hundreds of MB; measured on the H200,
-  2026-12-01: 45 such copies, 1.7 ms of a 65 ms step, when lora_outer got its output as its bias);
+  passed once and read by no other node: a kernel seen writing one of its inputs, a buffer it also
+  gets under another name, or one that another node reads, makes Inductor copy that tensor first
+  (x or dy: hundreds of MB; measured on the H200, 2026-12-01: 45 such copies, 1.7 ms of a 65 ms
+  step, when lora_outer got its output as its bias);
 - the token count stays symbolic in every launch (specialising it recompiles for every length).
 (The RMSNorm ops stay opaque for now: fxfuse/ops/rms_norm.py says why.)
 """
@@ -31,16 +33,19 @@ def traced():
     return json.loads(lines[-1][len("RESULT "):])
 
 
+DQ, PROJECT, OUTER, DY, WGRAD, SPLIT = ("_dequant_4bit_words_kernel", "_rank_r_project_kernel", "_lora_outer_kernel",
+                                      "_lora_dy_kernel", "_rank_r_weight_grad_kernel", "_split_columns_kernel")
+# The launches of fwd+bwd, and how many cuBLAS addmms add the frozen product in place. Where the output
+# is much wider than the input (y of a wide group, dx of down_proj: fxfuse/ops/nf4_lora.py) the GEMM
+# is K-extended: the input's copy (made by the kernel reading it for the rank-r product) and the
+# dequantized weight get the adapter's bf16 parts as extra columns (SPLIT); elsewhere the adapter
+# term (OUTER) plus an in-place addmm.
 EXPECTED = {
-    # forward: dequant (per weight), xa, adapter term (+ cuBLAS addmm); backward: dxa and dB from one
-    # read of dy, dA, dequant again, the adapter term of dx (+ addmm).
-    "lora nf4": ["_dequant_4bit_words_kernel", "_rank_r_project_kernel", "_lora_outer_kernel", "_lora_dy_kernel",
-                 "_rank_r_weight_grad_kernel", "_dequant_4bit_words_kernel", "_lora_outer_kernel"],
-    "lora nf4 group": ["_dequant_4bit_words_kernel"] * 2 + ["_rank_r_project_kernel", "_lora_outer_kernel",
-                                                            "_lora_dy_kernel", "_rank_r_weight_grad_kernel"]
-    + ["_dequant_4bit_words_kernel"] * 2 + ["_lora_outer_kernel"],
-    "lora plain base": ["_rank_r_project_kernel", "_lora_outer_kernel", "_lora_dy_kernel",
-                        "_rank_r_weight_grad_kernel", "_lora_outer_kernel"],
+    "lora nf4": ([DQ, PROJECT, OUTER, DY, WGRAD, DQ, OUTER], 2),
+    "lora nf4 narrowing": ([DQ, PROJECT, OUTER, DY, WGRAD, DQ, SPLIT, SPLIT], 1),
+    "lora nf4 group": ([DQ, DQ, PROJECT, OUTER, DY, DY, WGRAD, DQ, DQ, OUTER], 2),
+    "lora nf4 wide group": ([PROJECT, DQ, DQ, SPLIT, SPLIT, DY, DY, WGRAD, DQ, DQ, OUTER], 1),
+    "lora plain base": ([PROJECT, OUTER, DY, WGRAD, OUTER], 2),
 }
 
 
@@ -48,7 +53,15 @@ EXPECTED = {
 def test_op_traces_into_its_kernels(traced, case):
     result = traced[case]
     assert result["opaque"] == [], f"{case}: ops left opaque: {result['opaque']}"
-    assert [launch["kernel"] for launch in result["launches"]] == EXPECTED[case]
+    assert [launch["kernel"] for launch in result["launches"]] == EXPECTED[case][0]
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_frozen_product_is_added_in_place(traced, case):
+    # Each updates a tensor nothing else reads, so Inductor calls it in place (an addmm with a
+    # separate output copies its bias matrix into that output first).
+    assert [c["op"] for c in traced[case]["in_place"]] == ["fxfuse.frozen_addmm_.default"] * EXPECTED[case][1]
+    assert not any(c["shared"] for c in traced[case]["in_place"]), traced[case]["in_place"]
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -58,6 +71,8 @@ def test_kernels_write_only_their_own_buffers(traced, case):
         assert launch["written_inputs"] == [], f"{case}: {launch['kernel']} writes inputs {launch['written_inputs']}"
         assert launch["written_aliased"] == [], \
             f"{case}: {launch['kernel']} writes {launch['written_aliased']}, also passed as another argument"
+        assert launch["written_shared"] == [], \
+            f"{case}: {launch['kernel']} updates {launch['written_shared']} in place, which other nodes read too"
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))

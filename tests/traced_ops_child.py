@@ -73,6 +73,11 @@ def case_lora(sizes, quant):
     return fn, flat
 
 
+# Ops that read a tensor's metadata, not its data (the launches' stride arguments).
+_METADATA = (torch.ops.aten.sym_stride.int, torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
+             torch.ops.aten.sym_storage_offset.default)
+
+
 def trace(fn, inputs) -> dict:
     graphs = []
 
@@ -81,7 +86,7 @@ def trace(fn, inputs) -> dict:
         return make_boxed_func(gm.forward)
     out = aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, dynamic=True)(*inputs)
     out.sum().backward()
-    launches, opaque = [], []
+    launches, opaque, in_place = [], [], []
     for gm in graphs:
         placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
         for n in gm.graph.nodes:
@@ -89,6 +94,13 @@ def trace(fn, inputs) -> dict:
                 continue
             if "fxfuse" in str(n.target):
                 opaque.append(str(n.target))
+            if n.target is torch.ops.higher_order.auto_functionalized_v2:
+                # An op that updates a tensor in place (fxfuse::frozen_addmm_): Inductor re-inplaces
+                # it when nothing else reads the tensor it updates, and copies that tensor otherwise.
+                bases = n.kwargs["_all_bases"]
+                in_place.append({"op": str(n.args[0]),
+                                 "shared": any(u is not n and u.target not in _METADATA for b in bases
+                                               for u in b.users)})
             if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
                 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
                 kwargs = n.kwargs["kwargs"]
@@ -100,15 +112,21 @@ def trace(fn, inputs) -> dict:
                     "written_inputs": [k for k in written if kwargs[k] in placeholders],
                     # A written buffer passed under a second name too: Inductor copies it first.
                     "written_aliased": [k for k in written if any(kwargs[o] is kwargs[k] for o in kwargs if o != k)],
+                    # A written intermediate (updated in place) that something else reads too: it
+                    # cannot be updated in place, and Inductor copies it first.
+                    "written_shared": [k for k in written if kwargs[k] not in placeholders
+                                       and any(u is not n and u.target not in _METADATA for u in kwargs[k].users)],
                     "m_symbolic": None if "M" not in kwargs else not isinstance(m, int),
                 })
-    return {"launches": launches, "opaque": opaque}
+    return {"launches": launches, "opaque": opaque, "in_place": in_place}
 
 
 def main():
     cases = {
         "lora nf4": case_lora([1000], "nf4"),
+        "lora nf4 narrowing": case_lora([300], "nf4"),
         "lora nf4 group": case_lora([1000, 520], "nf4"),
+        "lora nf4 wide group": case_lora([1100, 1100], "nf4"),
         "lora plain base": case_lora([1000], "none"),
     }
     print("RESULT " + json.dumps({name: trace(*c) for name, c in cases.items()}))

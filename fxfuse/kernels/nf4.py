@@ -209,9 +209,10 @@ def _block_absmax(ABSMAX, ABSMAX2, CODE2, OFFSET, blocks, mask, NESTED: tl.const
 
 @triton.jit
 def _dequant_4bit_words_kernel(
-    WORDS, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT_PAIRS, pair_offset, n_words,
+    WORDS, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT_PAIRS, pair_offset, n_words, row_words, pad_pairs,
     OUT_KIND: tl.constexpr, IS_FP4: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     NESTED: tl.constexpr, QBLOCK2: tl.constexpr, LOOKUP: tl.constexpr, INTERPRETED: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """The fast path: whole 32-bit words of packed codes (8 elements each) in, pairs of outputs out.
 
@@ -219,7 +220,8 @@ def _dequant_4bit_words_kernel(
     values of a byte side by side in one integer twice the element width, element 2j in the low
     half: little-endian) as one [BLOCK_WORDS, 4] tile. Each thread decodes the words it loaded and
     stores their pairs contiguously: no value changes threads, so no shuffle through shared memory,
-    and the stores are full-width and coalesced."""
+    and the stores are full-width and coalesced. With pad_pairs > 0 each row (row_words words) is
+    followed in OUT by pad_pairs pairs the kernel leaves alone (a row-padded output)."""
     pid = tl.program_id(0)
     words = pid.to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
     mask = words < n_words
@@ -249,22 +251,29 @@ def _dequant_4bit_words_kernel(
     else:
         pair = _bits_of(hi, tl.bfloat16, INTERPRETED).to(tl.uint32) | (
             _bits_of(lo, tl.bfloat16, INTERPRETED).to(tl.uint32) << 16)
-    tl.store(OUT_PAIRS + pair_offset + words[:, None] * 4 + t[None, :],
+    dest = words * 4
+    if PADDED:
+        # BLOCK_WORDS divides row_words (the host sees to it), so the program's words lie in one
+        # row: one scalar division per program (a division per word, emulated in PTX, made this
+        # ALU-short kernel 3.8x slower: H200, 2026-12-02).
+        dest += ((pid * BLOCK_WORDS) // row_words).to(tl.int64) * pad_pairs
+    tl.store(OUT_PAIRS + pair_offset + dest[:, None] + t[None, :],
              pair.to(OUT_PAIRS.dtype.element_ty, bitcast=True), mask=mask[:, None])
 
 
 @triton.jit
 def _dequant_4bit_kernel(
     PACKED, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT, out_offset,
-    n_elements, n_bytes, n_blocks,
+    n_elements, n_bytes, n_blocks, row_len, row_pad,
     IS_FP4: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
-    NESTED: tl.constexpr, QBLOCK2: tl.constexpr, INTERPRETED: tl.constexpr,
+    NESTED: tl.constexpr, QBLOCK2: tl.constexpr, INTERPRETED: tl.constexpr, PADDED: tl.constexpr,
 ):
     """The general path: any element count and alignment.
 
     A program handles ROWS whole quantization blocks: a [ROWS, QBLOCK // 2] tile of packed bytes,
     whose two nibbles are decoded, scaled by the row's absmax (loaded, or restored, once per row)
-    and interleaved back into a [ROWS, QBLOCK] tile of outputs."""
+    and interleaved back into a [ROWS, QBLOCK] tile of outputs. With row_pad > 0 each row of
+    row_len outputs is followed in OUT by row_pad elements the kernel leaves alone."""
     HALF: tl.constexpr = QBLOCK // 2  # packed bytes per quantization block
     pid = tl.program_id(0)
     # Quantization-block indices of this tile's rows; int64 so that block * QBLOCK (an element
@@ -282,7 +291,10 @@ def _dequant_4bit_kernel(
     lo = _decode(packed & 0xF, absmax[:, None], IS_FP4)
     values = tl.interleave(hi, lo)  # [ROWS, QBLOCK]: hi, lo, hi, lo, ...
     out_offs = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    tl.store(OUT + out_offset + out_offs, round_to(values, OUT.dtype.element_ty, INTERPRETED),
+    dest = out_offs
+    if PADDED:
+        dest += (out_offs // row_len) * row_pad
+    tl.store(OUT + out_offset + dest, round_to(values, OUT.dtype.element_ty, INTERPRETED),
              mask=out_offs < n_elements)
 
 
@@ -386,22 +398,33 @@ def _aligned(t: torch.Tensor, nbytes: int) -> bool:
     return t.storage_offset() * t.element_size() % nbytes == 0
 
 
-def _launch_words(inputs, consts, n, out_pairs, pair_offset, dtype):
-    """Fast path: n (a multiple of 8) outputs as pairs into out_pairs[pair_offset:]."""
+def _launch_words(inputs, consts, n, out_pairs, pair_offset, dtype, row_len=1, row_pad=0):
+    """Fast path: n (a multiple of 8) outputs as pairs into out_pairs[pair_offset:] (rows of row_len,
+    a multiple of 8, each followed by row_pad, even, elements left alone)."""
     packed, absmax, absmax2, code2, offset = inputs
     n_words = n // 8
-    launch(_dequant_4bit_words_kernel, packed)[(_cdiv(n_words, _WORDS_PER_PROGRAM),)](
+    row_words = max(row_len // 8, 1)
+    # Padded rows: programs of a power of two of words that divides the row (at least 8: the caller
+    # takes the general path for rows of fewer than 64 elements' multiples).
+    block = _WORDS_PER_PROGRAM if not row_pad else min(_WORDS_PER_PROGRAM, row_words & -row_words)
+    if row_pad and (block < 8 or row_pad % 8):
+        raise ValueError(f"dequantize_4bit: padded rows need a row length that is a multiple of 64 and a padding "
+                         f"that is a multiple of 8, got {row_len} and {row_pad}")
+    launch(_dequant_4bit_words_kernel, packed)[(_cdiv(n_words, block),)](
         packed.view(-1).view(torch.int32), absmax, absmax2, code2, offset, out_pairs, pair_offset, n_words,
-        OUT_KIND=_OUT_KIND[dtype], BLOCK_WORDS=_WORDS_PER_PROGRAM, LOOKUP=_LOOKUP, **consts)
+        row_words, row_pad // 2, OUT_KIND=_OUT_KIND[dtype], BLOCK_WORDS=block, LOOKUP=_LOOKUP, PADDED=row_pad > 0,
+        **consts)
 
 
-def _launch_general(inputs, consts, n, out_flat, out_offset):
-    """General path: n outputs into out_flat[out_offset:] (any n, any alignment)."""
+def _launch_general(inputs, consts, n, out_flat, out_offset, row_len=1, row_pad=0):
+    """General path: n outputs into out_flat[out_offset:] (any n, any alignment; rows of row_len
+    each followed by row_pad elements left alone)."""
     packed, absmax, absmax2, code2, offset = inputs
     n_blocks = _cdiv(n, consts["QBLOCK"])
     rows = max(1, _TILE_ELEMS // consts["QBLOCK"])
     launch(_dequant_4bit_kernel, packed)[(_cdiv(n_blocks, rows),)](
-        packed, absmax, absmax2, code2, offset, out_flat, out_offset, n, _cdiv(n, 2), n_blocks, ROWS=rows, **consts)
+        packed, absmax, absmax2, code2, offset, out_flat, out_offset, n, _cdiv(n, 2), n_blocks, max(row_len, 1),
+        row_pad, ROWS=rows, PADDED=row_pad > 0, **consts)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, *,
@@ -443,36 +466,44 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: to
 
 
 def dequantize_4bit_stacked(weights, dtype: torch.dtype, *, quant_type: str = "nf4",
-                            blocksize: int = 64) -> torch.Tensor:
+                            blocksize: int = 64, row_pad: int = 0, extra_rows: int = 0) -> torch.Tensor:
     """Several 4-bit weights of one row length, dequantized into one [sum of rows, cols] tensor.
 
     weights: a sequence of (packed, absmax, nested, (rows, cols)) as for `dequantize_4bit`. The
     stacked buffer is allocated here and each kernel writes its rows at an offset into it (no views
     of it are written through: the launches stay plain mutations of one tensor when torch.compile
-    traces them)."""
+    traces them). row_pad (a multiple of 8) and extra_rows make the buffer
+    [sum of rows + extra_rows, cols + row_pad], the weights in its top-left corner and the rest
+    left unwritten for the caller (a GEMM operand extended by more columns or rows)."""
     cols = {tuple(w[3])[1] for w in weights}
     if len(weights) == 0 or len(cols) != 1:
         raise ValueError("dequantize_4bit_stacked: give one or more weights of the same row length")
+    if row_pad < 0 or row_pad % 8 or extra_rows < 0:
+        raise ValueError(f"dequantize_4bit_stacked: row_pad must be a multiple of 8 and extra_rows >= 0, got "
+                         f"{row_pad} and {extra_rows}")
     prepared = [_prepare(p, a, shape, dtype, quant_type, blocksize, nested) for p, a, nested, shape in weights]
     rows = sum(shape[0] for shape, *_ in prepared)
     cols = cols.pop()
+    width = cols + row_pad
     device = weights[0][0].device
     size = torch.empty((), dtype=dtype).element_size()
-    if all(n % 8 == 0 and _aligned(inputs[0], 4) for _, inputs, _, n in prepared):
-        pairs = torch.empty(rows * cols // 2, dtype=_PAIR_DTYPE[size], device=device)
+    total = (rows + extra_rows) * width
+    # Padded rows: the fast path's programs each take whole words of one row (see _launch_words).
+    if all(n % 8 == 0 and _aligned(inputs[0], 4) for _, inputs, _, n in prepared) and (cols % 64 == 0 or not row_pad):
+        pairs = torch.empty(total // 2, dtype=_PAIR_DTYPE[size], device=device)
         start = 0
-        for _, inputs, consts, n in prepared:
+        for shape, inputs, consts, n in prepared:
             if n:
-                _launch_words(inputs, consts, n, pairs, start // 2, dtype)
-            start += n
-        return pairs.view(dtype).view(rows, cols)
-    out = torch.empty(rows * cols, dtype=dtype, device=device)
+                _launch_words(inputs, consts, n, pairs, start // 2, dtype, cols, row_pad)
+            start += shape[0] * width
+        return pairs.view(dtype).view(rows + extra_rows, width)
+    out = torch.empty(total, dtype=dtype, device=device)
     start = 0
-    for _, inputs, consts, n in prepared:
+    for shape, inputs, consts, n in prepared:
         if n:
-            _launch_general(inputs, consts, n, out, start)
-        start += n
-    return out.view(rows, cols)
+            _launch_general(inputs, consts, n, out, start, cols, row_pad)
+        start += shape[0] * width
+    return out.view(rows + extra_rows, width)
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, *,
