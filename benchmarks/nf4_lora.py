@@ -311,8 +311,9 @@ def main():
                                                    "nf4_lora.json"))
     ap.add_argument("--dequant-only", action="store_true", help="only the dequantization checks and timing")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="time every system this many times, interleaved, each in a fresh process; the tables give "
-                         "medians (a single run's figures moved by up to 6%% between machines)")
+                    help="time stock, fxfuse-compiled and the variants this many times, interleaved, each in a fresh "
+                         "process; the tables give medians (a single run's figures moved by up to 6%% between "
+                         "machines)")
     ap.add_argument("--widening-variants", default="",
                     help="comma-separated W: also time fxfuse-compiled@W, the forward K-extended where y is at least "
                          "W times wider than x")
@@ -340,8 +341,10 @@ def main():
 
     variants = [f"fxfuse-compiled@{w}" for w in args.widening_variants.split(",") if w]
     runs = {system: [] for system in (*SYSTEMS, *variants)}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         for system in runs:
+            if rep and system in ("fxfuse", "unsloth"):
+                continue  # repeated: the figures the ratios are made of (stock, compiled, variants)
             env = dict(os.environ)
             if system == "unsloth" and args.unsloth_site:
                 env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
