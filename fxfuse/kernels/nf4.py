@@ -404,11 +404,11 @@ def _launch_words(inputs, consts, n, out_pairs, pair_offset, dtype, row_len=1, r
     packed, absmax, absmax2, code2, offset = inputs
     n_words = n // 8
     row_words = max(row_len // 8, 1)
-    # Padded rows: programs of a power of two of words that divides the row (at least 8: the caller
-    # takes the general path for rows of fewer than 64 elements' multiples).
+    # Padded rows: programs of a power of two of words that divides the row (at least 32: the caller
+    # takes the general path for other row lengths).
     block = _WORDS_PER_PROGRAM if not row_pad else min(_WORDS_PER_PROGRAM, row_words & -row_words)
-    if row_pad and (block < 8 or row_pad % 8):
-        raise ValueError(f"dequantize_4bit: padded rows need a row length that is a multiple of 64 and a padding "
+    if row_pad and (block < 32 or row_pad % 8):
+        raise ValueError(f"dequantize_4bit: padded rows need a row length that is a multiple of 256 and a padding "
                          f"that is a multiple of 8, got {row_len} and {row_pad}")
     launch(_dequant_4bit_words_kernel, packed)[(_cdiv(n_words, block),)](
         packed.view(-1).view(torch.int32), absmax, absmax2, code2, offset, out_pairs, pair_offset, n_words,
@@ -488,8 +488,10 @@ def dequantize_4bit_stacked(weights, dtype: torch.dtype, *, quant_type: str = "n
     device = weights[0][0].device
     size = torch.empty((), dtype=dtype).element_size()
     total = (rows + extra_rows) * width
-    # Padded rows: the fast path's programs each take whole words of one row (see _launch_words).
-    if all(n % 8 == 0 and _aligned(inputs[0], 4) for _, inputs, _, n in prepared) and (cols % 64 == 0 or not row_pad):
+    # Padded rows: the fast path's programs each take words of one row (see _launch_words), at least 32
+    # of them (rows of a multiple of 256); shorter rows take the general path, whose programs span rows
+    # (the fast path's programs of 8 words made the interpreted tests' tiny models 100x slower there).
+    if all(n % 8 == 0 and _aligned(inputs[0], 4) for _, inputs, _, n in prepared) and (cols % 256 == 0 or not row_pad):
         pairs = torch.empty(total // 2, dtype=_PAIR_DTYPE[size], device=device)
         start = 0
         for shape, inputs, consts, n in prepared:
