@@ -374,6 +374,11 @@ def _rank_p(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+def lora_dy_can_copy(rank: int) -> bool:
+    """Whether lora_dy_grads takes copy_to at this rank (only its fused kernel stores dy)."""
+    return _rank_p(rank) <= _DY_FUSED_MAX_RANK
+
+
 def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.type, device.index)
 
@@ -488,7 +493,7 @@ def lora_dy_grads(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: fl
     rank_p = _rank_p(r)
     interp = interpreted()
     _check_copy("lora_dy_grads", copy_to, dy, N)
-    if rank_p > _DY_FUSED_MAX_RANK:
+    if not lora_dy_can_copy(r):
         if copy_to is not None:
             raise ValueError(f"lora_dy_grads: copy_to needs a rank of at most {_DY_FUSED_MAX_RANK}, got {r}")
         # Wide rank tiles (a q/k/v group: r = 48 -> 64) make the fused kernel slower than two passes

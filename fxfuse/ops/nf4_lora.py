@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.lora_matmul import (MAX_RANK, lora_dy_grads, lora_outer, rank_r_project, rank_r_weight_grad,
-                                   split_columns_)
+from ..kernels.lora_matmul import (MAX_RANK, lora_dy_can_copy, lora_dy_grads, lora_outer, rank_r_project,
+                                   rank_r_weight_grad, split_columns_)
 from ..kernels.nf4 import dequantize_4bit_stacked
 from .library import triton_op_or_custom_op
 
@@ -87,10 +87,10 @@ def _extend_forward(quant_type, dtype, bias, out_features, in_features) -> bool:
 def _extend_backward(quant_type, dtype, out_features, in_features, lora_A) -> bool:
     """Whether dx is one K-extended GEMM [dy | dxa parts] @ [W ; A parts]: where dx is wider than dy
     (down_proj: 1.55 to 1.58 ms fwd+bwd against 1.58 with the adapter term, H200, 2026-12-02), for a
-    single projection whose dy kernel can copy dy (rank up to 32); the weight's extra rows cost the
+    single projection whose dy kernel can copy dy (`lora_dy_can_copy`); the weight's extra rows cost the
     dequantization nothing."""
     return (quant_type != "none" and dtype == torch.bfloat16 and len(out_features) == 1
-            and in_features > out_features[0] and lora_A[0].shape[0] <= 32)
+            and in_features > out_features[0] and lora_dy_can_copy(lora_A[0].shape[0]))
 
 
 def _block_diag(mats):
