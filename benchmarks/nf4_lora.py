@@ -314,6 +314,8 @@ def main():
                     help="time stock, fxfuse-compiled and the variants this many times, interleaved, each in a fresh "
                          "process; the tables give medians (a single run's figures moved by up to 6%% between "
                          "machines)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help=f"comma-separated systems to time (of {', '.join(SYSTEMS)})")
     ap.add_argument("--widening-variants", default="",
                     help="comma-separated W: also time fxfuse-compiled@W, the forward K-extended where y is at least "
                          "W times wider than x")
@@ -340,7 +342,10 @@ def main():
                if v["pass"] else v["error"]))
 
     variants = [f"fxfuse-compiled@{w}" for w in args.widening_variants.split(",") if w]
-    runs = {system: [] for system in (*SYSTEMS, *variants)}
+    chosen = [sy for sy in args.systems.split(",") if sy]
+    if not set(chosen) <= set(SYSTEMS) or "stock" not in chosen:
+        ap.error(f"--systems: stock and any of {SYSTEMS}, got {args.systems}")
+    runs = {system: [] for system in (*chosen, *variants)}
     for rep in range(args.repeats):
         for system in runs:
             if rep and system in ("fxfuse", "unsloth"):
