@@ -98,9 +98,10 @@ def train(args, dataset, tokenizer, backend: str | None) -> list[float]:
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum, logging_steps=1,
         max_length=args.max_length, packing=args.packing, padding_free=args.packing, seed=0, data_seed=0,
         report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
-        # The model is already bf16 (NF4 base, bf16 compute); bf16=True would add autocast, under which
-        # PEFT skips its fp32 adapter casts: fxfuse does not match that form yet (explain() says so).
-        bf16=False,
+        # The model is already bf16 (NF4 base, bf16 compute). --bf16 adds the Trainer's autocast, as many
+        # scripts do: on CUDA PEFT then leaves out its fp32 adapter casts, and fxfuse's nf4_lora_autocast
+        # matches that form (keeping the adapter in fp32, where the stock path rounds A and B to bf16).
+        bf16=args.bf16,
         gradient_checkpointing=False,  # already set on the model above (non-reentrant)
         torch_compile=backend is not None, torch_compile_backend=backend,
     )
@@ -119,6 +120,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--packing", action="store_true", help="padding-free packed batches")
+    ap.add_argument("--bf16", action="store_true", help="SFTConfig(bf16=True): the forward under autocast")
     ap.add_argument("--no-compare", action="store_true", help="skip the run without fxfuse")
     args = ap.parse_args()
     args.size = args.size or ("tiny" if args.device == "cpu" else "small")

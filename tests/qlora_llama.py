@@ -6,6 +6,7 @@ be no larger than 1.25x the stock bf16 model's error against it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 
@@ -97,19 +98,39 @@ def batch(vocab=CONFIG["vocab_size"], b=2, t=24, seed=0, device="cpu"):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def lora_grads(model, inputs) -> dict:
+@contextlib.contextmanager
+def peft_cuda_autocast():
+    """What PEFT does under the Trainer's CUDA autocast (bf16=True), on a CPU: bf16 autocast, and
+    `torch.is_autocast_enabled()` (no device given: CUDA's flag, which PEFT's 4-bit LoRA reads to
+    skip its fp32 casts) answering True. The backward runs outside, as the Trainer runs it."""
+    original = torch.is_autocast_enabled
+
+    def enabled(device_type=None):
+        return True if device_type is None else original(device_type)
+    torch.is_autocast_enabled = enabled
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.is_autocast_enabled = original
+
+
+def lora_grads(model, inputs, forward_context=contextlib.nullcontext) -> dict:
     model.zero_grad(set_to_none=True)
-    out = model(**inputs)
+    with forward_context():
+        out = model(**inputs)
     out.loss.backward()
     return {n.removeprefix("_orig_mod."): p.grad.detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
 def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96,
-                             seeds=(1, 2, 3), dynamic: bool = False, **build_kwargs):
+                             seeds=(1, 2, 3), dynamic: bool = False, forward_context=contextlib.nullcontext,
+                             **build_kwargs):
     """Compile a tiny QLoRA Llama with fxfuse, backpropagate a few batches, and hold every LoRA
     gradient to the exactness criterion against the float64 twin and the stock path. Returns the
-    backend's report of that compile.
+    backend's report of that compile. `forward_context`: around the stock and compiled forwards
+    (e.g. peft_cuda_autocast); the float64 twin runs without it.
 
     The statistic is each tensor's RMS error pooled over the batches (see fxfuse.testing for why
     whole-model gradients use RMS). One batch is too few rounding events: a path with strictly fewer
@@ -124,8 +145,9 @@ def check_compiled_gradients(checkpointing: bool, options: dict | None = None, l
     ours, ref, stock = {}, {}, {}
     for seed in seeds:
         inputs = batch(seed=seed, t=t)
-        for acc, m in ((ref, twin), (stock, model), (ours, compiled)):
-            for name, g in lora_grads(m, inputs).items():
+        for acc, m, ctx in ((ref, twin, contextlib.nullcontext), (stock, model, forward_context),
+                            (ours, compiled, forward_context)):
+            for name, g in lora_grads(m, inputs, ctx).items():
                 acc.setdefault(name, []).append(g.flatten())
     report = fxfuse.last_report()
     n_targets = len(build_kwargs.get("targets", TARGETS))

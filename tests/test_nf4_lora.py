@@ -9,7 +9,7 @@ from fxfuse.kernels.nf4 import dequantize_params4bit
 from fxfuse.ops.nf4_lora import nf4_lora_linear
 from fxfuse.testing import assert_exact
 
-from qlora_llama import batch, build, check_compiled_gradients
+from qlora_llama import batch, build, check_compiled_gradients, peft_cuda_autocast
 
 ENABLE = {}  # on by default
 ODD = dict(hidden_size=72, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
@@ -77,6 +77,29 @@ def test_pattern_fires_on_every_adapter_and_gradients_are_exact(checkpointing):
     report = check_compiled_gradients(checkpointing, ENABLE)
     assert report.counts() == {"rms_norm": 5, "nf4_lora": 14}, str(report)
     assert "layers.1.mlp.down_proj" in report.where("nf4_lora")
+
+
+def test_cuda_autocast_form_fires_and_gradients_are_exact():
+    # The Trainer's / TRL's bf16=True: PEFT without its fp32 casts, autocast rounding A and B to bf16 in
+    # the stock path. fxfuse keeps the adapter in fp32, so it is held to (and beats) that stock error.
+    report = check_compiled_gradients(False, ENABLE, layers=1, forward_context=peft_cuda_autocast)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora_autocast": 7}, str(report)
+    assert report.post_passes == [
+        "nf4_lora_autocast: grouped q_proj+k_proj+v_proj at layers.0.self_attn (one read of x, one GEMM)",
+        "nf4_lora_autocast: grouped gate_proj+up_proj at layers.0.mlp (one read of x, one GEMM)"], str(report)
+
+
+def test_uncast_form_without_autocast_is_declined_with_the_reason():
+    # bf16 adapters without autocast give the same uncast graph (PEFT's casts are no-ops): the stock
+    # path then trains bf16 adapters, which the fp32 kernels do not compute.
+    model, _ = build(layers=1, twin=False)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
+    assert "nf4_lora" not in rep.counts() and "nf4_lora_autocast" not in rep.counts(), str(rep)
+    reasons = [d.reason for d in rep.declines if d.pattern == "nf4_lora_autocast"]
+    assert len(reasons) == 7 and all("lora_A" in r and "bfloat16" in r for r in reasons), str(rep)
 
 
 def test_dynamic_shapes_one_graph_for_every_length():

@@ -3,6 +3,9 @@
 - `nf4_lora`: `lora.Linear4bit.forward` on a bitsandbytes NF4/FP4 base, and its post pass, which
   merges the projections that read the same input (q/k/v, gate/up) into one call: one read of x for
   the adapters' down-projections, one dequantization pass and one GEMM over the stacked weights.
+- `nf4_lora_autocast`: the same forward under CUDA autocast (the Trainer's `bf16=True`), where PEFT
+  leaves out its fp32 casts and autocast rounds A and B to bf16 for the adapter's products; the
+  replacement keeps them fp32 (fewer roundings than that stock path: the exactness criterion holds).
 - `lora`, `lora_bias`: `lora.Linear.forward` on a plain bf16/fp16 `nn.Linear` (without and with a
   frozen bias). Not grouped: stacking plain weights would copy them on every call, where 4-bit
   weights are dequantized into the stacked buffer anyway."""
@@ -16,7 +19,7 @@ import torch
 from torch import fx
 
 from .. import constraints as C
-from ..canonicalize import linear_4bit_info
+from ..canonicalize import example_value, linear_4bit_info
 from ..matcher import Pattern, module_path
 from ..ops.nf4_lora import MAX_GROUP_RANK, lora_linear_group, nf4_lora_linear
 from .markers import linear_4bit
@@ -30,6 +33,15 @@ def peft_lora_linear_4bit(x, weight, lora_A, lora_B, scaling):
     x = x.to(lora_A.dtype)
     output = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
     output = output.to(expected_dtype)
+    return result + output
+
+
+def peft_lora_linear_4bit_autocast(x, weight, lora_A, lora_B, scaling):
+    # the same under CUDA autocast (the Trainer's and TRL's bf16=True): PEFT skips both casts when
+    # torch.is_autocast_enabled(), and autocast runs the adapter's linears in bf16 (A and B rounded)
+    result = linear_4bit(x, weight)
+    result = result.clone()
+    output = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
     return result + output
 
 
@@ -55,6 +67,13 @@ def peft_lora_linear_bias(x, weight, bias, lora_A, lora_B, scaling):
 def _examples():
     return (torch.randn(2, 3, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16),
             torch.randn(4, 16), torch.randn(24, 4), 2.0)
+
+
+def _examples_autocast():
+    # Traced without autocast: every operand in the compute dtype (the user graph's fp32 adapters are
+    # checked by the constraints, and autocast by the adapter product's dtype).
+    x, w, a, b, s = _examples()
+    return x, w, a.to(torch.bfloat16), b.to(torch.bfloat16), s
 
 
 def _examples_bias():
@@ -202,6 +221,29 @@ NF4_LORA = Pattern(
         C.triton_device("x", "lora_A", "lora_B"),
         _adapter_shapes,
     ),
+)
+
+
+def _under_autocast(match):
+    """fp32 adapters whose product came out in x's dtype: autocast ran it (PEFT's uncast form
+    without autocast would have needed adapters of x's dtype, which the constraints decline)."""
+    product = example_value(match.user_node("mul"))
+    x = match.value("x")
+    if not isinstance(product, torch.Tensor) or product.dtype != x.dtype:
+        return (f"the adapter product is {getattr(product, 'dtype', None)}, the input {x.dtype}: not the "
+                f"autocast form (autocast to another dtype than the input's?)")
+
+
+NF4_LORA_AUTOCAST = dataclasses.replace(
+    NF4_LORA,
+    name="nf4_lora_autocast",
+    description="PEFT LoRA on a bitsandbytes NF4 Linear4bit under CUDA autocast (no casts; the adapter in fp32 here)",
+    reference=peft_lora_linear_4bit_autocast,
+    example_inputs=_examples_autocast,
+    # nf4_lora's anchor already reports every 4-bit linear neither form matched.
+    anchor=None,
+    constraints=NF4_LORA.constraints + (_under_autocast,),
+    _graph=None,  # traced afresh from its own reference
 )
 
 
