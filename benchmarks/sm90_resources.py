@@ -1,6 +1,7 @@
 """What each fxfuse Triton kernel costs in registers, spills and shared memory on sm_90, with no GPU.
 
     python benchmarks/sm90_resources.py [--only lora,nf4,rms_norm,rope,swiglu,attention] [--json PATH]
+                                        [--arch 80|86|89|90]
 
 Runs the kernels' host functions at the Llama-3-8B shapes on meta tensors, with a stand-in Triton
 driver that names an sm_90 target, so every launch compiles (pointer alignment and integer
@@ -9,7 +10,8 @@ kernel it prints the launch configuration, registers per thread, spill stack, dy
 the programs that fit on one SM by registers and by shared memory, and static SASS instruction counts
 (cp.async LDGSTS, TMA UTMALDG, wgmma HGMMA, local-memory LDL/STL) read with the nvdisasm that ships
 with Triton. A kernel below copy bandwidth with spills or one program per SM has a reason to be
-slow that costs no device time to find (METHOD.md: read what costs no device time).
+slow that costs no device time to find (METHOD.md: read what costs no device time). With --arch it
+compiles for another GPU and names the kernels whose shared memory that GPU's blocks cannot hold.
 """
 from __future__ import annotations
 
@@ -32,14 +34,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REGS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024  # H100/H200: 228 KiB per SM, of which 227 KiB per block, 1 KiB reserved per block
 MAX_WARPS_PER_SM = 64
+# The most dynamic shared memory one block may opt in to, per compute capability (CUDA programming
+# guide): a kernel compiled for such a GPU that asks for more fails to launch (OutOfResources).
+SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 SASS_OPS = ("LDGSTS", "UTMALDG", "HGMMA", "LDL", "STL")
 
 
 class _Sm90Driver:
     """Enough of a Triton driver for JITFunction.warmup: a target, a device, a stream."""
 
+    arch = 90
+
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_active_torch_device(self):
         return torch.device("cuda")
@@ -184,7 +191,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="lora,nf4,rms_norm,rope,swiglu,attention")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_PER_BLOCK),
+                    help="compute capability to compile for (80 A100, 86/89 consumer Ampere/Ada, 90 H100/H200); "
+                         "the programs-per-SM column stays an sm_90 estimate")
     args = ap.parse_args()
+    _Sm90Driver.arch = args.arch
     triton.runtime.driver.set_active(_Sm90Driver())
     import fxfuse.kernels.cross_entropy as ce
     import fxfuse.kernels.flash_attention as fa
@@ -198,6 +209,7 @@ def main():
     print("| case | kernel | launch | registers | shared | programs per SM | SASS (static counts) |\n"
           "|---|---|---|---|---|---|---|")
     rows = []
+    limit = SMEM_PER_BLOCK[args.arch]
     for part in args.only.split(","):
         for label, run in globals()[f"cases_{part}"]():
             records.clear()
@@ -207,9 +219,14 @@ def main():
                 print(f"| {label} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |")
                 continue
             rows += report(label, records)
+    too_big = [r for r in rows if r["shared_bytes"] > limit]
+    for r in too_big:
+        print(f"sm_{args.arch}: {r['kernel']} ({r['case']}) asks for {r['shared_bytes'] // 1024} KiB of shared memory "
+              f"per block; the GPU allows {limit // 1024} KiB: it would not launch")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": "sm_90", "triton": triton.__version__, "rows": rows}, f, indent=1)
+            json.dump({"target": f"sm_{args.arch}", "smem_per_block_limit": limit, "triton": triton.__version__,
+                       "rows": rows, "over_the_shared_memory_limit": [r["kernel"] for r in too_big]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -124,22 +124,36 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
 
 def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], graph_report) -> None:
     # Already explained: a node, or a module (or its parent) where the pattern recorded a near miss
-    # with its reason (the anchor of PEFT's q_proj lies in q_proj.base_layer).
+    # with its reason (the anchor of PEFT's q_proj lies in q_proj.base_layer), or a node within the
+    # pattern's reach upstream of a declined root (a top-level module has no path to tell regions apart).
     declined_nodes = {(d.pattern, d.node) for d in graph_report.declines}
     declined_at = {(d.pattern, d.where) for d in graph_report.declines if d.where != "<top>"}
+    by_name = {n.name: n for n in gm.graph.nodes}
 
-    def explained(pattern, node):
+    def upstream(pattern):
+        reach = set()
+        for d in graph_report.declines:
+            if d.pattern != pattern.name or d.node not in by_name:
+                continue
+            frontier = [by_name[d.node]]
+            for _ in range(pattern.op_count()):
+                frontier = [i for n in frontier for i in n.all_input_nodes if i not in reach]
+                reach.update(frontier)
+        return reach
+
+    def explained(pattern, node, reach):
         path = module_path(node)
-        return (pattern, node.name) in declined_nodes or any(
-            p == pattern and (path == w or path.startswith(w + ".")) for p, w in declined_at)
+        return (pattern.name, node.name) in declined_nodes or node in reach or any(
+            p == pattern.name and (path == w or path.startswith(w + ".")) for p, w in declined_at)
 
     for pattern in patterns:
         if pattern.anchor is None:
             continue
         keys = (pattern.anchor,) if isinstance(pattern.anchor, str) else tuple(pattern.anchor)
+        reach = upstream(pattern)
         for n in gm.graph.nodes:
             c = canon(n) if n.op == "call_function" else None
-            if c is not None and c.key in keys and not explained(pattern.name, n):
+            if c is not None and c.key in keys and not explained(pattern, n, reach):
                 graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, pattern.anchor_reason))
 
 

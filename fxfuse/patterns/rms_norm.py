@@ -29,6 +29,10 @@ PATTERN = Pattern(
     replacement=rms_norm,
     example_inputs=_examples,
     scalars=("eps",),
+    # Every RMSNorm-like region has an rsqrt; one left in the graph is a norm in another form.
+    anchor="rsqrt",
+    anchor_reason=("an rsqrt outside HF LlamaRMSNorm's form (another norm, e.g. Gemma's fp32 (1 + weight) "
+                   "norm, or a changed op): stock path"),
     constraints=(
         C.dtype_in("hidden_states", (torch.bfloat16, torch.float16)),
         C.same_dtype("hidden_states", "weight"),

@@ -1,4 +1,5 @@
-"""Every fxfuse Triton kernel compiles for the H100/H200 (sm_90) at the Llama-3-8B shapes, on a CPU.
+"""Every fxfuse Triton kernel compiles for the H100/H200 (sm_90), the A100 (sm_80) and Ada (sm_89) at the
+Llama-3-8B shapes, on a CPU, and the kernels of the default patterns fit each one's shared memory.
 
 benchmarks/sm90_resources.py runs the kernels' host functions on meta tensors with a stand-in sm_90
 driver: each launch goes through Triton's whole compile (TTIR to cubin, ptxas included) without a
@@ -11,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_kernel", "_lora_outer_kernel",
             "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel",
@@ -18,15 +21,24 @@ EXPECTED = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_ke
             "_bwd_dkdv_kernel"}
 
 
-def test_every_kernel_compiles_for_sm90(tmp_path):
+# The kernels behind the patterns that are on by default (rms_norm, nf4_lora): these must also fit
+# the shared memory of the other GPUs QLoRA users train on (A100; RTX 30xx/40xx at 99 KiB per block).
+DEFAULT_ON = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_kernel", "_lora_outer_kernel",
+              "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"}
+
+
+@pytest.mark.parametrize("arch", [90, 80, 89])
+def test_every_kernel_compiles(tmp_path, arch):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sm90_resources.py"), "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sm90_resources.py"), "--arch", str(arch),
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "failed" not in proc.stdout, proc.stdout
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
     assert EXPECTED <= {r["kernel"] for r in rows}, sorted(EXPECTED - {r["kernel"] for r in rows})
     for r in rows:
         # ptxas reported on each: a register count in range and at least one program per SM.
         assert 0 < r["registers"] <= 255 and r["programs_per_sm"] >= 1, r
+    assert not DEFAULT_ON & set(res["over_the_shared_memory_limit"]), res["over_the_shared_memory_limit"]
