@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fxfuse.ops.attention import flash_attention, segment_ids_from_position_ids  # noqa: E402
 from fxfuse.testing import ExactnessError, assert_exact  # noqa: E402
+from measure import peak_extra  # noqa: E402
 
 
 def _inputs(b, hq, hkv, s, d, device, seed=0):
@@ -141,12 +142,7 @@ def timing(seqs, b=2, hq=32, hkv=8, d=128) -> dict:
                 torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
             try:
                 step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                peak = peak_extra(step)
                 ms = float(triton.testing.do_bench(step, warmup=25, rep=300, return_mode="median"))
                 fwd = float(triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=200, return_mode="median"))
                 out[f"{name} @ {s}"] = {"fwd_bwd_ms": ms, "fwd_ms": fwd, "peak_extra_mib": peak,

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from measure import peak_extra  # noqa: E402
+
 SINGLE = {"q/o 4096->4096": [(4096, 4096)], "k/v 4096->1024": [(1024, 4096)],
           "gate/up 4096->14336": [(14336, 4096)], "down 14336->4096": [(4096, 14336)]}
 GROUPS = {"q,k,v group 4096->4096+1024+1024": [(4096, 4096), (1024, 4096), (1024, 4096)],
@@ -156,11 +158,7 @@ def time_system(system, tokens, rank) -> dict:
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = peak_extra(step)
         ms = float(triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median"))
         fwd_ms = float(triton.testing.do_bench(lambda: run(), warmup=10, rep=100, return_mode="median"))
         out[name] = {"fwd_bwd_ms": ms, "fwd_ms": fwd_ms, "peak_extra_mib": peak, "device_ms": _graph_ms(step)}
