@@ -18,6 +18,7 @@ The default inner compiler is Inductor: measured faster and leaner than eager on
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 import torch.fx as fx
@@ -102,6 +103,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
     graph_report.total_nodes = _count_nodes(gm)
     for _, sub in subgraphs(gm):
         fired = []
+        had_users = {n for n in sub.graph.nodes if n.users}
         for pattern in patterns:
             matches, declines = find_matches(pattern, sub, fake_mode)
             graph_report.declines.extend(declines)
@@ -115,11 +117,29 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
             if pattern.post_pass is not None:
                 graph_report.post_passes.extend(f"{pattern.name}: {line}" for line in pattern.post_pass(sub))
         if fired:
-            # A replaced region can leave its producers without users (e.g. the bitsandbytes
-            # autograd_function_apply whose output 0 a pattern consumed): they must not run.
-            sub.graph.eliminate_dead_code()
+            _erase_dead_producers(sub.graph, had_users)
             sub.graph.lint()
             sub.recompile()
+
+
+def _erase_dead_producers(graph: fx.Graph, had_users: set) -> None:
+    """Erase what the rewrite left without users (a replaced region's producers, e.g. the bitsandbytes
+    autograd_function_apply whose output 0 a pattern consumed: it must not run), and their producers
+    in turn. Only nodes that had users before, and unused `getitem`s of them (output 1 of that
+    autograd_function_apply): any other node Dynamo put in the graph without users runs for its side
+    effect (`Tensor.set_` of a parameter, an in-place method on a buffer), which FX's
+    eliminate_dead_code would drop, since it takes every call_method for pure."""
+    def dead(n):
+        if n.users or n.op in ("placeholder", "output"):
+            return False
+        return n in had_users or (n.op == "call_function" and n.target is operator.getitem)
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if dead(n):
+                graph.erase_node(n)
+                changed = True
 
 
 def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], graph_report) -> None:
