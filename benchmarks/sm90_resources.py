@@ -1,10 +1,11 @@
-"""What each fxfuse Triton kernel costs in registers, spills and shared memory on sm_90, with no GPU.
+"""What each fxfuse Triton kernel costs in registers, spills and shared memory on sm_90 (or another
+NVIDIA target), with no GPU.
 
     python benchmarks/sm90_resources.py [--only lora,nf4,rms_norm,rope,swiglu,attention] [--json PATH]
                                         [--arch 80|86|89|90]
 
 Runs the kernels' host functions at the Llama-3-8B shapes on meta tensors, with a stand-in Triton
-driver that names an sm_90 target, so every launch compiles (pointer alignment and integer
+driver that names an sm_90 target (--arch: another), so every launch compiles (pointer alignment and integer
 divisibility specialized as a real launch specializes them) and nothing runs. For each compiled
 kernel it prints the launch configuration, registers per thread, spill stack, dynamic shared memory,
 the programs that fit on one SM by registers and by shared memory, and static SASS instruction counts
@@ -40,10 +41,11 @@ SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 SASS_OPS = ("LDGSTS", "UTMALDG", "HGMMA", "LDL", "STL")
 
 
-class _Sm90Driver:
-    """Enough of a Triton driver for JITFunction.warmup: a target, a device, a stream."""
+class _StandInDriver:
+    """Enough of a Triton driver for JITFunction.warmup: a target (sm_<arch>), a device, a stream."""
 
-    arch = 90
+    def __init__(self, arch: int):
+        self.arch = arch
 
     def get_current_target(self):
         return GPUTarget("cuda", self.arch, 32)
@@ -195,8 +197,7 @@ def main():
                     help="compute capability to compile for (80 A100, 86/89 consumer Ampere/Ada, 90 H100/H200); "
                          "the programs-per-SM column stays an sm_90 estimate")
     args = ap.parse_args()
-    _Sm90Driver.arch = args.arch
-    triton.runtime.driver.set_active(_Sm90Driver())
+    triton.runtime.driver.set_active(_StandInDriver(args.arch))
     import fxfuse.kernels.cross_entropy as ce
     import fxfuse.kernels.flash_attention as fa
     import fxfuse.kernels.lora_matmul as lm
