@@ -4,7 +4,9 @@ adapter product into the frozen GEMM as 3r extra bf16 columns, padded), against 
 against addmm with a full [M, N] bias matrix (the alternative: adapter term, then the frozen product
 added to it).
 
-    python benchmarks/gemm_k_extension.py [--tokens 4096] [--json benchmarks/results/gemm_k_extension.json]
+    python benchmarks/gemm_k_extension.py [--tokens 4096] [--graph] [--json benchmarks/results/gemm_k_extension.json]
+
+--graph: each K-extended GEMM launched eagerly and replayed from a CUDA graph, through cuBLAS and cuBLASLt.
 
 Measurement only: prints a markdown table of medians (CUDA events, L2 not flushed) and writes JSON.
 """
@@ -37,13 +39,55 @@ def _median_ms(fn, reps=50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _graph_median_ms(fn, reps=50) -> float:
+    """As _median_ms, of fn captured as a CUDA graph (how the training step's device time is measured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _median_ms(graph.replay, reps)
+
+
+def graph_and_library(m: int) -> list:
+    """The K-extended GEMMs launched eagerly and from a CUDA graph, through cuBLAS and cuBLASLt: whether
+    capture or the library changes cuBLAS's choice at these shapes."""
+    rows = []
+    for name, n, k, layout in SHAPES:
+        for ext in (0, 48, 64, 128):
+            a = torch.randn(m, k + ext, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k + ext, device="cuda", dtype=torch.bfloat16) if layout == "TN" else \
+                torch.randn(k + ext, n, device="cuda", dtype=torch.bfloat16)
+            wt = w.t() if layout == "TN" else w
+            row = {"case": name, "N": n, "K": k + ext}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                row[f"{lib} eager"] = _median_ms(lambda: torch.mm(a, wt))
+                row[f"{lib} graph"] = _graph_median_ms(lambda: torch.mm(a, wt))
+            torch.backends.cuda.preferred_blas_library("cublas")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "gemm_k_extension.json"))
+    ap.add_argument("--graph", action="store_true", help="only: eager against CUDA-graph replay, cuBLAS and cuBLASLt")
     args = ap.parse_args()
     m = args.tokens
+    if args.graph:
+        rows = graph_and_library(m)
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "graph_rows": rows}, f,
+                      indent=1)
+        return
     rows = []
     for name, n, k, layout in SHAPES:
         row = {"case": name, "M": m, "N": n, "K": k}

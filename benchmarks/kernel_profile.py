@@ -1,13 +1,15 @@
 """Where a step's GPU time goes: torch.profiler kernel tables for the QLoRA training step and the LoRA op.
 
     python benchmarks/kernel_profile.py step [--layers 4] [--variant fxfuse] [--options '{"disable": ["nf4_lora"]}']
-    python benchmarks/kernel_profile.py lora [--case "gate,up group"]
+    python benchmarks/kernel_profile.py lora [--case "gate,up group"] [--graph] [--timeline]
 
 `step`: the training step of benchmarks/foundation.py (Llama-3-8B shapes, NF4 double quant, LoRA r=16 on all
 linears, batch 2 x 2048, checkpointing, AdamW), warmed up, then profiled over a few steps. Prints the wall
 time per step, the GPU's busy time per step (the sum of kernel times: their difference is time the GPU
 waited for the host), kernel time by category, and the top kernels. `lora`: the same for one fwd+bwd of
-`fxfuse::lora_linear` (and of the stock path) at the projection shapes of benchmarks/nf4_lora.py.
+`fxfuse::lora_linear` (and of the stock path) at the projection shapes of benchmarks/nf4_lora.py; with
+--graph, of the step's CUDA-graph replay (the device time nf4_lora.py reports), with --timeline the kernels
+of one iteration in order, with the idle gaps between them.
 Writes JSON with --json. Measurement only: no pass/fail.
 """
 from __future__ import annotations
@@ -68,6 +70,14 @@ def kernel_table(prof, iters: int) -> dict:
             "top": [{"kernel": n[:110], "ms": v[0], "calls": v[1]} for n, v in top]}
 
 
+def print_timeline(rows: list) -> None:
+    print("\n| # | kernel | start us | us | gap before us |\n|---|---|---|---|---|")
+    for i, r in enumerate(rows):
+        print(f"| {i} | `{r['kernel'][:70]}` | {r['start_us']:.1f} | {r['us']:.1f} | {r['gap_us']:.1f} |")
+    print(f"\nspan {rows[-1]['start_us'] + rows[-1]['us']:.1f} us, busy {sum(r['us'] for r in rows):.1f} us, "
+          f"gaps {sum(max(r['gap_us'], 0) for r in rows):.1f} us" if rows else "no kernels")
+
+
 def print_table(title: str, wall_ms: float, table: dict) -> None:
     print(f"\n### {title}\n")
     print(f"wall {wall_ms:.2f} ms per iteration; GPU busy {table['busy_ms']:.2f} ms "
@@ -80,11 +90,46 @@ def print_table(title: str, wall_ms: float, table: dict) -> None:
         print(f"| `{row['kernel']}` | {row['ms']:.3f} | {row['calls']:.0f} |")
 
 
-def profile(fn, warmup: int, iters: int):
+def as_graph(fn):
+    """fn captured as a CUDA graph (warmed up on a side stream first): its replay, which launches the
+    same kernels with no host work between them, as benchmarks/nf4_lora.py times device time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def timeline(prof, iters: int) -> list:
+    """The last iteration's kernels in launch order: (name, start offset us, duration us, gap before us).
+    The gaps show where the GPU waited between kernels (host launches; in a graph, the graph's own)."""
+    evts = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+    per_iter = len(evts) // max(iters, 1)
+    last = evts[-per_iter:] if per_iter else []
+    rows, t0, prev_end = [], (last[0].time_range.start if last else 0), None
+    for e in last:
+        start, end = e.time_range.start, e.time_range.end
+        rows.append({"kernel": e.name[:90], "start_us": start - t0, "us": end - start,
+                     "gap_us": 0.0 if prev_end is None else start - prev_end})
+        prev_end = end if prev_end is None else max(prev_end, end)
+    return rows
+
+
+def profile(fn, warmup: int, iters: int, graph: bool = False):
     from torch.profiler import ProfilerActivity, profile as tprofile
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if graph:
+        fn = as_graph(fn)
+        fn()
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -94,7 +139,7 @@ def profile(fn, warmup: int, iters: int):
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    return wall, kernel_table(prof, iters)
+    return wall, {**kernel_table(prof, iters), "timeline": timeline(prof, iters)}
 
 
 def run_step(args) -> dict:
@@ -123,6 +168,7 @@ def run_step(args) -> dict:
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     wall, table = profile(step, warmup=2, iters=args.iters)
+    table.pop("timeline")
     title = f"step: {args.variant} {args.options or ''} ({args.layers} layers, {args.batch}x{args.seq}, " \
             f"ckpt {'off' if args.no_ckpt else 'on'})"
     print_table(title, wall, table)
@@ -136,7 +182,7 @@ def run_lora(args) -> dict:
     import nf4_lora as bench
     out = {}
     for name, shapes in bench.CASES.items():
-        if args.case and not name.startswith(args.case):
+        if args.case and not any(name.startswith(c) for c in args.case.split(",")):
             continue
         for system in args.systems.split(","):
             x, projs, dys = bench._make(shapes, args.tokens, 16)
@@ -146,8 +192,11 @@ def run_lora(args) -> dict:
 
             def step():
                 torch.autograd.grad(fn(), params, dys)
-            wall, table = profile(step, warmup=5, iters=args.iters)
-            print_table(f"lora: {system}, {name}, {args.tokens} tokens", wall, table)
+            wall, table = profile(step, warmup=5, iters=args.iters, graph=args.graph)
+            print_table(f"lora: {system}, {name}, {args.tokens} tokens{', CUDA graph' if args.graph else ''}",
+                        wall, table)
+            if args.timeline:
+                print_timeline(table["timeline"])
             out[f"{system}: {name}"] = {"wall_ms": wall, **table}
             torch.cuda.empty_cache()
     return out
@@ -163,9 +212,11 @@ def main():
     ap.add_argument("--variant", default="fxfuse", choices=["stock", "inductor", "fxfuse"])
     ap.add_argument("--options", default=None, help="fxfuse options as JSON")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--case", default=None)
+    ap.add_argument("--case", default=None, help="lora: the cases whose names start with these (comma-separated)")
     ap.add_argument("--systems", default="fxfuse-compiled,stock")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--graph", action="store_true", help="lora: profile replays of the step captured as a CUDA graph")
+    ap.add_argument("--timeline", action="store_true", help="lora: print the last iteration's kernels in order")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     res = run_step(args) if args.what == "step" else run_lora(args)

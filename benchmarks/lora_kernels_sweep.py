@@ -92,25 +92,28 @@ def sweep_dequant(results):
 
 
 def sweep_project(results):
-    for k in (14336, 4096):
+    # (K, whether x is copied as it is read: the K-extended forward of the gate,up group)
+    for k, copy in ((14336, False), (4096, True)):
         x = torch.randn(M, k, device="cuda").to(torch.bfloat16)
         a = torch.randn(16, k, device="cuda") * 0.02
         q = a.t()
+        x_ext = torch.empty(M, k + 48, device="cuda", dtype=torch.bfloat16)
 
         def run(cfg):
             kps = cfg["K_PER_SPLIT"]
             split = triton.cdiv(k, kps)
             part = torch.empty(split, M, 16, device="cuda")
             L._rank_r_project_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), split)](
-                x, q, part, q, M, k, 16, kps, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-                part.stride(0), part.stride(1), part.stride(2), 0, 1.0, BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_K=cfg["BLOCK_K"], RANK_P=16, FP32_DOT=False, P_BF16=True, COPY_P=False,
+                x, q, part, x_ext if copy else q, M, k, 16, kps, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+                part.stride(0), part.stride(1), part.stride(2), x_ext.stride(0), 1.0, BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_K=cfg["BLOCK_K"], RANK_P=16, FP32_DOT=False, P_BF16=True, COPY_P=copy,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return part.sum(0)
-        results.append(sweep(f"rank_r_project x {M}x{k}", M * k * 2, run,
-                             grid(BLOCK_M=[64, 128], BLOCK_K=[128], K_PER_SPLIT=[1024, 2048],
+        default_kps = (2 * L._K_PER_SPLIT if k >= 8192 else L._K_PER_SPLIT)
+        results.append(sweep(f"rank_r_project x {M}x{k}{' copied' if copy else ''}", M * k * (4 if copy else 2), run,
+                             grid(BLOCK_M=[64, 128], BLOCK_K=[128], K_PER_SPLIT=sorted({1024, 2048, default_kps}),
                                   num_warps=[4, 8], num_stages=[2, 3, 4]),
-                             dict(BLOCK_M=64, BLOCK_K=128, K_PER_SPLIT=1024, num_warps=4, num_stages=3)))
+                             dict(BLOCK_M=64, BLOCK_K=128, K_PER_SPLIT=default_kps, num_warps=4, num_stages=2)))
 
 
 def sweep_weight_grad(results):
@@ -128,18 +131,20 @@ def sweep_weight_grad(results):
                 RANK_P=16, FP32_DOT=False, P_BF16=True, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return part.sum(0)
         results.append(sweep(f"rank_r_weight_grad (dA) x {M}x{k}", M * k * 2, run,
-                             grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128], SPLIT=[2, 4], num_warps=[4, 8],
-                                  num_stages=[3]),
+                             grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128], SPLIT=[1, 2], num_warps=[4, 8],
+                                  num_stages=[2, 3]),
                              dict(BLOCK_M=128, BLOCK_N=64, SPLIT=triton.cdiv(264, triton.cdiv(k, 64)), num_warps=4,
                                   num_stages=3)))
 
 
 def sweep_dy(results):
-    for n, r in ((14336, 16), (4096, 16), (6144, 48)):
+    # (N, rank, whether dy is copied as it is read: down_proj's K-extended backward)
+    for n, r, copy in ((14336, 16, False), (4096, 16, True)):
         rp = max(16, triton.next_power_of_2(r))
         dy = torch.randn(M, n, device="cuda").to(torch.bfloat16)
         b = torch.randn(n, r, device="cuda") * 0.02
         xa = torch.randn(M, r, device="cuda")
+        dy_ext = torch.empty(M, n + 48, device="cuda", dtype=torch.bfloat16)
 
         def run(cfg):
             splits = cfg["SPLITS"]
@@ -148,15 +153,15 @@ def sweep_dy(results):
             dxa = torch.empty(splits, M, r, device="cuda")
             db = torch.empty(mb, n, r, device="cuda")
             L._lora_dy_kernel[(mb, splits)](
-                dy, b, xa, dxa, db, b, M, n, r, nps, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
-                xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), dxa.stride(2), db.stride(0),
-                db.stride(1), db.stride(2), 0, 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], RANK_P=rp,
-                FP32_DOT=False, DY_BF16=True, COPY_DY=False, num_warps=cfg["num_warps"],
+                dy, b, xa, dxa, db, dy_ext if copy else b, M, n, r, nps, dy.stride(0), dy.stride(1), b.stride(0),
+                b.stride(1), xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), dxa.stride(2), db.stride(0),
+                db.stride(1), db.stride(2), dy_ext.stride(0), 1.0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                RANK_P=rp, FP32_DOT=False, DY_BF16=True, COPY_DY=copy, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
             return torch.cat([dxa.sum(0).flatten(), db.sum(0).flatten()])
-        results.append(sweep(f"lora_dy dy {M}x{n} r={r}", M * n * 2, run,
-                             grid(BLOCK_M=[64, 128], BLOCK_N=[32, 64], SPLITS=[8, 16, 32], num_warps=[4],
-                                  num_stages=[2]),
+        results.append(sweep(f"lora_dy dy {M}x{n} r={r}{' copied' if copy else ''}", M * n * (4 if copy else 2), run,
+                             grid(BLOCK_M=[64, 128], BLOCK_N=[32, 64, 128], SPLITS=[16, 32], num_warps=[4, 8],
+                                  num_stages=[2, 3]),
                              dict(BLOCK_M=128 if rp <= 64 else 64, BLOCK_N=64 if rp <= 64 else 32,
                                   SPLITS=min(16, triton.cdiv(n, 256)), num_warps=4, num_stages=2)))
 
@@ -174,7 +179,7 @@ def sweep_outer(results):
                 RANK_P=16, GROUPS=1, HAS_BIAS=False, FP32_DOT=False, SOFT_BF16=False, num_warps=cfg["num_warps"])
             return out
         results.append(sweep(f"lora_outer out {M}x{n}", M * n * 2, run,
-                             grid(BLOCK_M=[64, 128, 256], BLOCK_N=[64, 128, 256], num_warps=[4, 8]),
+                             grid(BLOCK_M=[64, 128], BLOCK_N=[64, 128], num_warps=[4, 8]),
                              dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)))
 
 

@@ -30,14 +30,15 @@ def _random_lora(model, seed):
 
 def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa", lora_dropout=0.0, device="cpu",
           twin=True, rank=8, quant_type="nf4", lora_kwargs=None, config=None, model_cls=None, targets=TARGETS,
-          norm_center=1.0, quant_storage=torch.uint8, **overrides):
+          norm_center=1.0, quant_storage=torch.uint8, adapter_dtype=None, **overrides):
     """Return (qlora_model, float64_twin or None), both PEFT-wrapped, in train mode, on `device`.
 
     `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check). Another
     architecture: `config` (a transformers config) and `model_cls`, LoRA on `targets`, norm weights
     drawn around `norm_center` (0 for Gemma's `1 + weight` norms). `quant_storage`: the dtype the
     packed 4-bit bytes are stored as (bf16 for FSDP). quant_type "none": no quantization (plain LoRA
-    on the bf16 base)."""
+    on the bf16 base). `adapter_dtype`: the LoRA weights cast to it after init, as TRL's bf16=True does
+    for a 4-bit model (its twin holds the same rounded values)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     import bitsandbytes.functional as bnbf
@@ -78,6 +79,7 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
         twin.config.use_cache = False
         twin = get_peft_model(twin, copy.deepcopy(lcfg))
         _random_lora(twin, seed + 1)
+        _cast_lora(twin, adapter_dtype)
         twin.to(torch.float64)
         twin.train()
     else:
@@ -88,8 +90,16 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
         model.enable_input_require_grads()
     model = get_peft_model(model, lcfg)
     _random_lora(model, seed + 1)
+    _cast_lora(model, adapter_dtype)
     model.train()
     return model, twin
+
+
+def _cast_lora(model, dtype):
+    if dtype is not None:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.to(dtype)
 
 
 def batch(vocab=CONFIG["vocab_size"], b=2, t=24, seed=0, device="cpu"):

@@ -1,5 +1,7 @@
 """LoRA on a bitsandbytes 4-bit base: the op against the stock PEFT module and float64, the pattern
 on whole models, and what it declines."""
+import contextlib
+
 import pytest
 import torch
 
@@ -89,17 +91,22 @@ def test_cuda_autocast_form_fires_and_gradients_are_exact():
         "nf4_lora_autocast: grouped gate_proj+up_proj at layers.0.mlp (one read of x, one GEMM)"], str(report)
 
 
-def test_uncast_form_without_autocast_is_declined_with_the_reason():
-    # bf16 adapters without autocast give the same uncast graph (PEFT's casts are no-ops): the stock
-    # path then trains bf16 adapters, which the fp32 kernels do not compute.
-    model, _ = build(layers=1, twin=False)
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(torch.bfloat16)
+@pytest.mark.parametrize("autocast", [False, True], ids=["no-autocast", "autocast"])
+def test_bf16_adapters_fire_and_gradients_are_exact(autocast):
+    # TRL's bf16=True casts a 4-bit model's LoRA weights to bf16 (peft_module_casting_to_bf16), so the
+    # adapter's products are bf16 GEMMs in the stock path, with or without autocast (the same uncast
+    # graph). fxfuse computes them from the bf16 values in fp32 and rounds dA, dB once to bf16.
+    context = peft_cuda_autocast if autocast else contextlib.nullcontext
+    report = check_compiled_gradients(False, ENABLE, layers=1, forward_context=context, adapter_dtype=torch.bfloat16)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora_autocast": 7}, str(report)
+
+
+def test_fp16_adapters_are_declined_with_the_reason():
+    model, _ = build(layers=1, twin=False, adapter_dtype=torch.float16)
     rep = fxfuse.explain(model, **batch(), options={"inner": "eager"})
     assert "nf4_lora" not in rep.counts() and "nf4_lora_autocast" not in rep.counts(), str(rep)
-    reasons = [d.reason for d in rep.declines if d.pattern == "nf4_lora_autocast"]
-    assert len(reasons) == 7 and all("lora_A" in r and "bfloat16" in r for r in reasons), str(rep)
+    reasons = [d.reason for d in rep.declines if d.pattern == "nf4_lora" and "`lora_A`" in d.reason]
+    assert len(reasons) == 7 and all("is torch.float16" in r for r in reasons), str(rep)
 
 
 def test_dynamic_shapes_one_graph_for_every_length():

@@ -259,7 +259,12 @@ def lora_linear_group(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B
                       out_features, in_features, blocksize, blocksize2):
     """Several LoRA projections of the same x in one call: returns y with the groups' outputs
     side by side on the last dimension (the caller slices them). quant_type "nf4"/"fp4" (weights
-    packed, absmax... per group) or "none" (weights plain bf16/fp16, the quantization lists None)."""
+    packed, absmax... per group) or "none" (weights plain bf16/fp16, the quantization lists None).
+    bf16 adapters (TRL's bf16=True) enter as their exact fp32 values: the products are computed as
+    for fp32 ones, and autograd rounds dA and dB once back to bf16."""
+    if lora_A[0].dtype == torch.bfloat16:
+        lora_A = [a.float() for a in lora_A]
+        lora_B = [b.float() for b in lora_B]
     return torch.ops.fxfuse.lora_linear(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling,
                                         quant_type, out_features, in_features, blocksize, blocksize2)[0]
 

@@ -3,9 +3,11 @@
 - `nf4_lora`: `lora.Linear4bit.forward` on a bitsandbytes NF4/FP4 base, and its post pass, which
   merges the projections that read the same input (q/k/v, gate/up) into one call: one read of x for
   the adapters' down-projections, one dequantization pass and one GEMM over the stacked weights.
-- `nf4_lora_autocast`: the same forward under CUDA autocast (the Trainer's `bf16=True`), where PEFT
-  leaves out its fp32 casts and autocast rounds A and B to bf16 for the adapter's products; the
-  replacement keeps them fp32 (fewer roundings than that stock path: the exactness criterion holds).
+- `nf4_lora_autocast`: the same forward without PEFT's casts: under CUDA autocast (the Trainer's
+  `bf16=True`), where autocast rounds fp32 A and B to bf16 for the adapter's products, or with bf16
+  adapters (TRL's bf16=True casts a 4-bit model's LoRA weights to bf16), where the products are bf16
+  GEMMs. The replacement computes them in fp32 from A's and B's values (fewer roundings than either
+  stock path: the exactness criterion holds); bf16 adapters get dA and dB rounded once to bf16.
 - `lora`, `lora_bias`: `lora.Linear.forward` on a plain bf16/fp16 `nn.Linear` (without and with a
   frozen bias). Not grouped: stacking plain weights would copy them on every call, where 4-bit
   weights are dequantized into the stacked buffer anyway."""
@@ -216,7 +218,8 @@ NF4_LORA = Pattern(
         # checkpoint that double rounding differs from dequantizing straight to fp16. (The op itself
         # is exact in fp16 when the two agree: tests/test_nf4_lora.py.)
         C.dtype_in("x", (torch.bfloat16,)),
-        C.dtype_in("lora_A", (torch.float32,)),
+        # bf16 adapters (TRL's bf16=True casts them) enter the op as their exact fp32 values.
+        C.dtype_in("lora_A", (torch.float32, torch.bfloat16)),
         C.same_dtype("lora_A", "lora_B"),
         C.triton_device("x", "lora_A", "lora_B"),
         _adapter_shapes,
@@ -225,8 +228,8 @@ NF4_LORA = Pattern(
 
 
 def _under_autocast(match):
-    """fp32 adapters whose product came out in x's dtype: autocast ran it (PEFT's uncast form
-    without autocast would have needed adapters of x's dtype, which the constraints decline)."""
+    """An adapter product in x's dtype: autocast ran it (fp32 adapters), or the adapters are in x's
+    dtype (bf16: the same graph with or without autocast)."""
     product = example_value(match.user_node("mul"))
     x = match.value("x")
     if not isinstance(product, torch.Tensor) or product.dtype != x.dtype:
@@ -237,7 +240,7 @@ def _under_autocast(match):
 NF4_LORA_AUTOCAST = dataclasses.replace(
     NF4_LORA,
     name="nf4_lora_autocast",
-    description="PEFT LoRA on a bitsandbytes NF4 Linear4bit under CUDA autocast (no casts; the adapter in fp32 here)",
+    description="PEFT LoRA on a bitsandbytes NF4 Linear4bit without PEFT's casts (CUDA autocast, or bf16 adapters)",
     reference=peft_lora_linear_4bit_autocast,
     example_inputs=_examples_autocast,
     # nf4_lora's anchor already reports every 4-bit linear neither form matched.
