@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fxfuse  # noqa: E402
 from fxfuse.kernels.swiglu import swiglu_backward, swiglu_forward  # noqa: E402
-from fxfuse.ops.swiglu import swiglu  # noqa: E402
+from fxfuse.ops.swiglu import swiglu, swiglu_halves  # noqa: E402
 from fxfuse.patterns.swiglu import PATTERN, swiglu_reference  # noqa: E402
 from fxfuse.testing import POISON, assert_exact  # noqa: E402
 
@@ -418,3 +418,59 @@ def test_fires_in_qlora_llama_and_gradients_are_exact(checkpointing):
     report = check_compiled_gradients(checkpointing, OPTIONS, layers=1)
     assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1}, str(report)
     assert report.where("swiglu") == ["layers.0.mlp"]
+
+
+# ------------------------------------------------------------------------------------------------
+# One gate,up output read whole (the post pass after the grouped projection)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 2 * 72), (2, 5, 2 * 200), (1, 2 * 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_halves_bit_equal_to_stock_and_poisoned_outputs_written(shape, dtype):
+    g = torch.Generator().manual_seed(_seed("halves", shape, dtype))
+    y = (3 * torch.randn(shape, generator=g)).to(dtype)
+    n = shape[-1] // 2
+    dh = torch.randn(*shape[:-1], n, generator=g).to(dtype)
+    hs, dgs, dus = run_stock(y[..., :n], y[..., n:], dh)
+    h = torch.full((*shape[:-1], n), POISON, dtype=dtype)
+    swiglu_forward(y[..., :n], y[..., n:], out=h)
+    dy = torch.full(shape, POISON, dtype=dtype)
+    swiglu_backward(dh, y[..., :n], y[..., n:], d_gate_out=dy[..., :n], d_up_out=dy[..., n:])
+    assert not h.isnan().any() and not dy.isnan().any()
+    assert torch.equal(h, hs) and torch.equal(dy[..., n:], dus)
+    if dtype == torch.bfloat16:  # fp16 d_gate: rare one-ulp ties, as in test_bit_equal_to_stock
+        assert torch.equal(dy[..., :n], dgs)
+    ref = run_reference64(y[..., :n], y[..., n:], dh)
+    for name, ours, r, st in zip(("h", "d_gate", "d_up"), (h, dy[..., :n], dy[..., n:]), ref, (hs, dgs, dus)):
+        assert_exact(name, ours, r, st)
+
+
+def test_halves_op_gradient_is_one_buffer_and_matches_stock():
+    y = make_inputs((4, 2 * 72), torch.bfloat16, seed=_seed("halves op"))[0].requires_grad_()
+    dh = torch.randn(4, 72).to(torch.bfloat16)
+    h = swiglu_halves(y)
+    (dy,) = torch.autograd.grad(h, y, dh)
+    hs, dgs, dus = run_stock(y[:, :72].detach(), y[:, 72:].detach(), dh)
+    assert torch.equal(h, hs) and torch.equal(dy, torch.cat([dgs, dus], -1))
+    torch.library.opcheck(torch.ops.fxfuse.swiglu_halves.default, (y,))
+    torch.library.opcheck(torch.ops.fxfuse.swiglu_halves_backward.default, (dh, y.detach()))
+    with pytest.raises(ValueError, match="even"):
+        swiglu_halves(torch.zeros(2, 7, dtype=torch.bfloat16))
+
+
+def test_overlapping_halves_are_refused():
+    buf = torch.empty(3, 144, dtype=torch.bfloat16)
+    gate, up, dh = make_inputs((3, 72), torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="shares memory"):
+        swiglu_backward(dh, gate, up, d_gate_out=buf[:, :72], d_up_out=buf[:, 1:73])
+    swiglu_backward(dh, gate, up, d_gate_out=buf[:, :72], d_up_out=buf[:, 72:])  # disjoint halves
+
+
+def test_qlora_llama_reads_the_grouped_gate_up_output_whole():
+    # nf4_lora groups gate_proj+up_proj into one output; the SwiGLU post pass then reads it whole, and
+    # every LoRA gradient stays exact (the gradient of y arrives in one buffer, no concatenation).
+    report = check_compiled_gradients(False, OPTIONS, layers=1)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1}, str(report)
+    assert "swiglu: reads the grouped gate,up output at layers.0.mlp in place (its gradient in one buffer)" \
+        in report.post_passes, str(report)

@@ -38,8 +38,10 @@ compute-bound.
     swiglu_forward(gate, up)              -> h
     swiglu_backward(dh, gate, up)         -> (d_gate, d_up)
 
-This module knows nothing of graphs or autograd. Inputs are contiguous tensors of any shape (the
-kernels see flat arrays; one program per BLOCK elements), bf16, fp16 or fp32, all of one dtype.
+This module knows nothing of graphs or autograd. Inputs are tensors of any shape whose rows (the last
+dimension) are contiguous, each with a row stride of its own (one program per row and BLOCK columns):
+contiguous tensors, and the two column halves of one gate,up projection output, read in place.
+bf16, fp16 or fp32, all of one dtype.
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ __all__ = ["swiglu_forward", "swiglu_backward"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Elements per program. 1024 with 4 warps is 8 contiguous elements per thread: one 16-byte vector
-# load per operand for bf16/fp16. An elementwise kernel is bandwidth-bound; not tuned on a GPU yet.
+# Columns per program. 1024 with 4 warps is 8 contiguous elements per thread: one 16-byte vector
+# load per operand for bf16/fp16 (when the row strides are multiples of 8). Not tuned on a GPU yet.
 _BLOCK = 1024
 _NUM_WARPS = 4
 
@@ -91,16 +93,17 @@ def _fma(a, b, c, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _swiglu_fwd_kernel(
     GATE, UP, H,
-    numel,
+    cols, stride_g, stride_u, stride_h,
     BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # int64 before the multiply: pid * BLOCK overflows int32 for tensors of more than 2^31 elements.
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    # Program (row, column block): rows of a row stride of their own, so that gate and up can be the
+    # two halves of one [.., 2N] projection output (the gate,up group's) without a copy.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
     # Masked lanes load 0 (silu(0) = 0, no NaN to trip over) and are never stored.
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(GATE + row * stride_g + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(UP + row * stride_u + offs, mask=mask, other=0.0).to(ACC)
     dt = H.dtype.element_ty
     # silu as aten writes it: gate / (1 + exp(-gate)), not gate * sigmoid(gate) (other bits).
     s = div_rn(g, 1.0 + _exp(-g, INTERPRETED), ACC)
@@ -108,21 +111,21 @@ def _swiglu_fwd_kernel(
         # The stock silu op rounds its output before the multiply; so must we. The product of two
         # bf16/fp16 values is then exact in fp32, and h below is rounded once, as stock's mul.
         s = round_to(s, dt, INTERPRETED).to(ACC)
-    tl.store(H + offs, round_to(s * u, dt, INTERPRETED), mask=mask)
+    tl.store(H + row * stride_h + offs, round_to(s * u, dt, INTERPRETED), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
     DH, GATE, UP, DGATE, DUP,
-    numel,
+    cols, stride_dh, stride_g, stride_u, stride_dg, stride_du,
     BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(ACC)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    dh = tl.load(DH + row * stride_dh + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(GATE + row * stride_g + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(UP + row * stride_u + offs, mask=mask, other=0.0).to(ACC)
     dt = DGATE.dtype.element_ty
 
     # One exp serves both: the forward's s (same ops, same bits) and silu_backward's sigmoid. (On
@@ -140,8 +143,8 @@ def _swiglu_bwd_kernel(
     # aten's silu_backward: dy * sig * (1 + x * (1 - sig)), multiplied left to right.
     d_gate = d_s * sig * _fma(g, 1.0 - sig, 1.0, ACC, INTERPRETED)
 
-    tl.store(DGATE + offs, round_to(d_gate, dt, INTERPRETED), mask=mask)
-    tl.store(DUP + offs, round_to(d_up, dt, INTERPRETED), mask=mask)
+    tl.store(DGATE + row * stride_dg + offs, round_to(d_gate, dt, INTERPRETED), mask=mask)
+    tl.store(DUP + row * stride_du + offs, round_to(d_up, dt, INTERPRETED), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,30 +167,72 @@ def _check_tensor(name: str, t) -> None:
         raise ValueError(f"swiglu: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _DTYPES:
         raise ValueError(f"swiglu: {name} dtype {t.dtype} not supported (bf16, fp16 or fp32)")
-    if not t.is_contiguous():
-        raise ValueError(f"swiglu: {name} must be contiguous (strides {t.stride()})")
+    if row_stride(t) is None:
+        raise ValueError(f"swiglu: {name} must have contiguous rows: unit last stride and one stride over the "
+                         f"leading dimensions (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def row_stride(t: torch.Tensor) -> int | None:
+    """The stride between t's rows when t is a stack of contiguous rows (unit last stride, the leading
+    dimensions collapsible into one), as a contiguous tensor or a column slice of one is; else None."""
+    if t.dim() == 0:
+        return None
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    lead = [(n, st) for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n != 1]
+    for (n0, s0), (n1, s1) in zip(lead, lead[1:]):
+        if s0 != s1 * n1:
+            return None
+    return lead[-1][1] if lead else max(t.shape[-1], 1)
 
 
 def _check_like(name: str, t, ref: torch.Tensor) -> None:
-    """`t` is a contiguous tensor of ref's shape, dtype and device."""
+    """`t` is a row-contiguous tensor of ref's shape, dtype and device."""
     _check_tensor(name, t)
     if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
         raise ValueError(f"swiglu: {name} must be {tuple(ref.shape)} {ref.dtype} on {ref.device} (as gate), "
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two row-contiguous tensors share an element (disjoint column halves of one buffer do not)."""
+    if not a.numel() or not b.numel() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    sa, sb = row_stride(a), row_stride(b)
+    ca, cb = a.shape[-1], b.shape[-1]
+    ra, rb = a.numel() // ca, b.numel() // cb
+    if sa != sb or ca > sa or cb > sb:
+        # Unlike layouts: overlapping byte ranges count as shared.
+        ea = a.storage_offset() + (ra - 1) * sa + ca
+        eb = b.storage_offset() + (rb - 1) * sb + cb
+        return a.storage_offset() < eb and b.storage_offset() < ea
+    # Element (i, c) of a meets (j, c') of b where (i - j) * stride + (c - c') = offset(b) - offset(a).
+    d = b.storage_offset() - a.storage_offset()
+    for k in (d // sa, d // sa + 1):
+        e = d - k * sa
+        if -(rb - 1) <= k <= ra - 1 and -(cb - 1) <= e <= ca - 1:
+            return True
+    return False
+
+
 def _check_own_buffer(name: str, buf: torch.Tensor, *others: torch.Tensor) -> None:
     # An output sharing memory with an input or another output would be read after being written
     # (or written twice): the caller must hand in memory the kernel owns.
     for o in others:
-        if buf.numel() and o.numel() and buf.untyped_storage().data_ptr() == o.untyped_storage().data_ptr():
+        if _overlap(buf, o):
             raise ValueError(f"swiglu: {name} shares memory with an input or another output")
+
+
+def _grid(t: torch.Tensor):
+    cols = t.shape[-1]
+    return (t.numel() // cols, _cdiv(cols, _BLOCK))
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """h = silu(gate) * up, rounded as stock PyTorch rounds (silu's output, then the product).
 
-    gate, up: contiguous, same shape, same dtype (bf16, fp16 or fp32), same device.
+    gate, up: same shape, same dtype (bf16, fp16 or fp32), same device, each a stack of contiguous
+    rows (contiguous, or a column slice of a contiguous tensor: the halves of a gate,up output).
     Returns h of gate's shape and dtype; `out` is written if given (it must not share memory with
     gate or up).
     """
@@ -201,8 +246,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | 
     n = gate.numel()
     if n == 0:
         return out
-    _swiglu_fwd_kernel[(_cdiv(n, _BLOCK),)](
-        gate, up, out, n,
+    _swiglu_fwd_kernel[_grid(gate)](
+        gate, up, out, gate.shape[-1], row_stride(gate), row_stride(up), row_stride(out),
         BLOCK=_BLOCK, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
         num_warps=_NUM_WARPS,
     )
@@ -214,11 +259,12 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
                     d_up_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of h = silu(gate) * up: (d_gate, d_up), rounded as stock autograd rounds.
 
-    dh, gate, up: contiguous, same shape and dtype, on one device; gate and up are the forward's
+    dh, gate, up: row-contiguous (as for swiglu_forward), same shape and dtype, on one device; gate and up are the forward's
     inputs (s is recomputed from gate, h is not needed). With sig = sigmoid(gate) and
     s = silu(gate) rounded: d_up = dh * s, d_gate = (dh * up, rounded) * sig * (1 + gate * (1 - sig)),
     each in fp32 (fp64 for fp32 inputs) and rounded once. The gradients go to fresh buffers, or to
-    `d_gate_out` / `d_up_out` if given (which must not share memory with an input or each other).
+    `d_gate_out` / `d_up_out` if given (which must not share memory with an input or each other; the
+    two halves of one [.., 2N] buffer do not: the gradient of a gate,up output in one piece).
     """
     _check_tensor("gate", gate)
     _check_like("up", up, gate)
@@ -236,8 +282,9 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
     n = gate.numel()
     if n == 0:
         return d_gate_out, d_up_out
-    _swiglu_bwd_kernel[(_cdiv(n, _BLOCK),)](
-        dh, gate, up, d_gate_out, d_up_out, n,
+    _swiglu_bwd_kernel[_grid(gate)](
+        dh, gate, up, d_gate_out, d_up_out, gate.shape[-1], row_stride(dh), row_stride(gate), row_stride(up),
+        row_stride(d_gate_out), row_stride(d_up_out),
         BLOCK=_BLOCK, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
         num_warps=_NUM_WARPS,
     )

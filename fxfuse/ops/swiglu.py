@@ -1,8 +1,14 @@
-"""SwiGLU as custom ops: `fxfuse::swiglu` (forward) and `fxfuse::swiglu_backward` (both gradients).
+"""SwiGLU as custom ops: `fxfuse::swiglu` (forward) and `fxfuse::swiglu_backward` (both gradients), and
+their forms over one gate,up projection output, `fxfuse::swiglu_halves` and its backward.
 
 `swiglu(gate, up)` is the entry point the SwiGLU pattern inserts: `silu(gate) * up` with stock
 PyTorch's roundings, forward and backward. Autograd saves gate and up only (not h, and not the silu
 output the stock mul keeps): the backward recomputes what it needs from them.
+
+`swiglu_halves(y)` is the same of y = [gate | up] (the output of a grouped gate,up projection, which
+the pattern's post pass hands over whole): the kernels read the two halves in place, and the
+backward writes d_gate and d_up into the two halves of one gradient of y, which the grouped
+projection's backward reads as it is (no split of y, no concatenation of its gradient).
 """
 from __future__ import annotations
 
@@ -11,12 +17,17 @@ from torch import Tensor
 
 from ..kernels import swiglu as kernels
 
-__all__ = ["swiglu"]
+__all__ = ["swiglu", "swiglu_halves"]
+
+
+def _rows(t: Tensor) -> Tensor:
+    # The kernels take any stack of contiguous rows; anything else is copied first.
+    return t if kernels.row_stride(t) is not None else t.contiguous()
 
 
 @torch.library.custom_op("fxfuse::swiglu", mutates_args=())
 def swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
-    return kernels.swiglu_forward(gate.contiguous(), up.contiguous())
+    return kernels.swiglu_forward(_rows(gate), _rows(up))
 
 
 @swiglu_op.register_fake
@@ -27,7 +38,7 @@ def _(gate, up):
 @torch.library.custom_op("fxfuse::swiglu_backward", mutates_args=())
 def swiglu_backward_op(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     # Both gradients go to buffers the kernel allocates: never into a tensor the graph still reads.
-    return kernels.swiglu_backward(dh.contiguous(), gate.contiguous(), up.contiguous())
+    return kernels.swiglu_backward(_rows(dh), _rows(gate), _rows(up))
 
 
 @swiglu_backward_op.register_fake
@@ -52,6 +63,53 @@ def _backward(ctx, dh):
 swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _halves(y: Tensor) -> tuple[Tensor, Tensor]:
+    if y.shape[-1] % 2:
+        raise ValueError(f"swiglu_halves: the last dimension of y must be even (gate | up), got {tuple(y.shape)}")
+    n = y.shape[-1] // 2
+    return y[..., :n], y[..., n:]
+
+
+@torch.library.custom_op("fxfuse::swiglu_halves", mutates_args=())
+def swiglu_halves_op(y: Tensor) -> Tensor:
+    return kernels.swiglu_forward(*_halves(_rows(y)))
+
+
+@swiglu_halves_op.register_fake
+def _(y):
+    return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+
+
+@torch.library.custom_op("fxfuse::swiglu_halves_backward", mutates_args=())
+def swiglu_halves_backward_op(dh: Tensor, y: Tensor) -> Tensor:
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    d_gate, d_up = _halves(dy)
+    kernels.swiglu_backward(_rows(dh), *_halves(_rows(y)), d_gate_out=d_gate, d_up_out=d_up)
+    return dy
+
+
+@swiglu_halves_backward_op.register_fake
+def _(dh, y):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def _setup_context_halves(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward_halves(ctx, dh):
+    (y,) = ctx.saved_tensors
+    return torch.ops.fxfuse.swiglu_halves_backward(dh, y)
+
+
+swiglu_halves_op.register_autograd(_backward_halves, setup_context=_setup_context_halves)
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """HF LlamaMLP's `act_fn(gate) * up` with act_fn = nn.SiLU, i.e. `silu(gate) * up`."""
     return torch.ops.fxfuse.swiglu(gate, up)
+
+
+def swiglu_halves(y: Tensor) -> Tensor:
+    """`silu(gate) * up` of y = [gate | up] on the last dimension (a grouped gate,up projection's output)."""
+    return torch.ops.fxfuse.swiglu_halves(y)

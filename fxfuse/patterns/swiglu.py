@@ -1,12 +1,21 @@
-"""Pattern: SwiGLU, `silu(gate) * up`, as Hugging Face LlamaMLP writes it (also Mistral, Qwen2/3: the same code)."""
+"""Pattern: SwiGLU, `silu(gate) * up`, as Hugging Face LlamaMLP writes it (also Mistral, Qwen2/3: the same code).
+
+Its post pass joins it to a grouped gate,up projection (the `nf4_lora` pattern's post pass, which runs
+first, makes gate and up the two halves of one output y, split back): `swiglu(split(y)[0], split(y)[1])`
+becomes `swiglu_halves(y)`, which reads the halves in place and returns the gradient of y in one
+buffer. Without it autograd's backward of the split concatenates d_gate and d_up into a new [.., 2N]
+tensor: an extra round trip of the MLP's widest tensor."""
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import constraints as C
-from ..matcher import Pattern
-from ..ops.swiglu import swiglu
+from ..matcher import Pattern, module_path
+from ..ops.swiglu import swiglu, swiglu_halves
 
 
 def swiglu_reference(gate, up):
@@ -26,12 +35,49 @@ def _same_shape(match):
         return f"`gate` {tuple(g.shape)} and `up` {tuple(u.shape)} are not provably the same shape (broadcast)"
 
 
+def _halves_of(gate: fx.Node, up: fx.Node):
+    """y when gate and up are items 0 and 1 of `torch.split(y, [n, n], dim=-1)`, else None."""
+    if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+               for n in (gate, up)):
+        return None
+    split = gate.args[0]
+    if up.args[0] is not split or (gate.args[1], up.args[1]) != (0, 1) or split.op != "call_function" \
+            or split.target is not torch.split or len(split.args) != 2:
+        return None
+    y, sizes = split.args
+    dim = split.kwargs.get("dim", 0)
+    y_val = y.meta.get("example_value") if isinstance(y, fx.Node) else None
+    last = dim == -1 or (y_val is not None and dim == y_val.dim() - 1)
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 2 or sizes[0] != sizes[1] or not last:
+        return None
+    return y
+
+
+def read_gate_up_whole(gm: fx.GraphModule) -> list[str]:
+    """Hand a grouped gate,up output to the SwiGLU whole (see the module docstring)."""
+    lines = []
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not swiglu:
+            continue
+        y = _halves_of(*n.args)
+        if y is None:
+            continue
+        with gm.graph.inserting_before(n):
+            fused = gm.graph.call_function(swiglu_halves, (y,))
+        fused.meta.update(n.meta)
+        n.replace_all_uses_with(fused)
+        gm.graph.erase_node(n)
+        lines.append(f"reads the grouped gate,up output at {module_path(n)} in place (its gradient in one buffer)")
+    return lines
+
+
 PATTERN = Pattern(
     name="swiglu",
     description="SwiGLU of HF LlamaMLP, silu(gate) * up (stock roundings; saves gate and up only)",
     reference=swiglu_reference,
     replacement=swiglu,
     example_inputs=_examples,
+    post_pass=read_gate_up_whole,
     # Bit-equal to the stock code on CPU; not yet measured against Inductor's fused elementwise code.
     enabled_by_default=False,
     constraints=(
