@@ -10,7 +10,8 @@ loss: batch 2 x 2048 tokens, hidden 4096, vocab 128256 (Llama-3-8B's lm_head, fr
                    causal_lm_loss pattern does; the logits still exist, as the graph returns them)
         fxfuse-flce  fxfuse::fused_linear_cross_entropy (no logits at all)
         liger      Liger Kernel's LigerFusedLinearCrossEntropyLoss (no logits either)
-swiglu: silu(gate) * up at 4096 x 14336 bf16, forward and backward: HF eager, Inductor, fxfuse.
+swiglu: silu(gate) * up at 4096 x 14336 bf16, forward and backward: HF eager, Inductor, fxfuse; and the same
+of one [4096, 28672] gate,up output ("-halves": fxfuse's swiglu_halves, the others on its two slices).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def swiglu_system(system) -> dict:
 
     def ref(a, b):
         return torch.nn.functional.silu(a) * b
+    if system.endswith("-halves"):
+        return _swiglu_halves_system(system[:-len("-halves")], ref, gate, up, dh)
     if system == "eager":
         fn = ref
     elif system == "inductor":
@@ -111,6 +114,33 @@ def swiglu_system(system) -> dict:
     return {"fwd_bwd_ms": _bench(step), "fwd_ms": _bench(lambda: fn(gate, up)), "bit_equal_to_eager": bit_equal}
 
 
+def _swiglu_halves_system(system, ref, gate, up, dh) -> dict:
+    """gate and up as the two halves of one [N, 2 x 14336] output (a grouped gate,up projection's), the
+    gradient taken for that output: stock autograd assembles it from the two slices' gradients;
+    fxfuse's swiglu_halves reads the halves in place and writes the gradient in one buffer."""
+    n = gate.shape[1]
+    y = torch.cat([gate.detach(), up.detach()], -1).requires_grad_()
+
+    def halves(t):
+        return ref(t[:, :n], t[:, n:])
+    if system == "eager":
+        fn = halves
+    elif system == "inductor":
+        fn = torch.compile(halves)
+    elif system == "fxfuse":
+        from fxfuse.ops.swiglu import swiglu_halves as fn
+    else:
+        raise ValueError(system)
+
+    def step():
+        h = fn(y)
+        return (h, *torch.autograd.grad(h, (y,), dh))
+    outs = step()
+    stock = (halves(y), *torch.autograd.grad(halves(y), (y,), dh))
+    bit_equal = [bool(torch.equal(a, b)) for a, b in zip(outs, stock)]
+    return {"fwd_bwd_ms": _bench(step), "fwd_ms": _bench(lambda: fn(y)), "bit_equal_to_eager": bit_equal}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", help=argparse.SUPPRESS)
@@ -123,8 +153,9 @@ def main():
         print("RESULT " + json.dumps(res))
         return
     results = {}
-    for part in ("loss:stock", "loss:fxfuse", "loss:fxfuse-flce", "loss:liger", "swiglu:eager", "swiglu:inductor",
-                 "swiglu:fxfuse"):
+    swiglu_parts = ("swiglu:eager", "swiglu:inductor", "swiglu:fxfuse", "swiglu:eager-halves",
+                    "swiglu:inductor-halves", "swiglu:fxfuse-halves")
+    for part in ("loss:stock", "loss:fxfuse", "loss:fxfuse-flce", "loss:liger") + swiglu_parts:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part], capture_output=True,
                               text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -141,9 +172,10 @@ def main():
             continue
         print(f"| {part[5:]} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ms'] / s.get('fwd_bwd_ms', float('nan')):.2f} | "
               f"{r['peak_extra_gib']:.2f} | {r['loss_err']:.2e} | {r['dh_rms_err']:.2e} | {r['dh_max_err']:.2e} |")
-    print("\n| SwiGLU 4096 x 14336 bf16 | fwd+bwd ms | fwd ms | bit-equal to eager (h, dgate, dup) |")
+    print("\n| SwiGLU 4096 x 14336 bf16 (-halves: of one [4096, 28672] gate,up output) | fwd+bwd ms | fwd ms | "
+          "bit-equal to eager (h, dgate, dup; -halves: h, dy) |")
     print("|---|---|---|---|")
-    for part in ("swiglu:eager", "swiglu:inductor", "swiglu:fxfuse"):
+    for part in swiglu_parts:
         r = results[part]
         if "error" in r:
             print(f"| {part} | error: {r['error'][-120:]!r} |")
