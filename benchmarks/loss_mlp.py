@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "loss_mlp.json"))
+    ap.add_argument("--only", choices=("loss", "swiglu"), help="run one section")
     args = ap.parse_args()
     if args.part:
         kind, system = args.part.split(":")
@@ -155,7 +156,11 @@ def main():
     results = {}
     swiglu_parts = ("swiglu:eager", "swiglu:inductor", "swiglu:fxfuse", "swiglu:eager-halves",
                     "swiglu:inductor-halves", "swiglu:fxfuse-halves")
-    for part in ("loss:stock", "loss:fxfuse", "loss:fxfuse-flce", "loss:liger") + swiglu_parts:
+    loss_parts = ("loss:stock", "loss:fxfuse", "loss:fxfuse-flce", "loss:liger")
+    for part in loss_parts + swiglu_parts:
+        if args.only and not part.startswith(args.only + ":"):
+            results[part] = {"error": "not run (--only)"}
+            continue
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part], capture_output=True,
                               text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -164,7 +169,7 @@ def main():
     print(f"\n| loss section (2 x 2048 tokens, vocab {V}, lm_head frozen) | fwd+bwd ms | vs stock | extra peak GiB | "
           "loss abs error | dh RMS error | dh max error |")
     print("|---|---|---|---|---|---|---|")
-    s = results["loss:stock"]
+    s = results["loss:stock"] if "error" not in results["loss:stock"] else {}
     for part in ("loss:stock", "loss:fxfuse", "loss:fxfuse-flce", "loss:liger"):
         r = results[part]
         if "error" in r:
