@@ -9,7 +9,8 @@ Cases: the four projection shapes alone, and the groups that share their input (
 which stock and Unsloth's LoRA_W run one projection at a time, and fxfuse in one call. Systems:
 stock, fxfuse (the op called eagerly), fxfuse-compiled (the op inside torch.compile, as the backend
 runs it: Inductor traces into it), Unsloth (--unsloth-site). Prints markdown tables; writes JSON.
-`--dequant-only`: the dequantization's bit-equality and speed against bitsandbytes.
+`--dequant-only`: the dequantization's bit-equality and speed against bitsandbytes. `--gemm-floor`: the two bf16
+GEMMs every path runs, alone, against the stock step (benchmarks/RESULTS.md, fifth pass).
 """
 from __future__ import annotations
 
@@ -259,6 +260,26 @@ def dequant_speed() -> list:
     return rows
 
 
+def gemm_floor(tokens, rank) -> dict:
+    """The two bf16 GEMMs every path runs (y = x W^T, dx = dy W with the dequantized weights and this
+    benchmark's inputs), alone, against the stock step, both as back-to-back CUDA-graph replays (sustained,
+    so at the clock the GPU's power cap allows): the floor under any exact path that keeps cuBLAS's GEMMs."""
+    import bitsandbytes.functional as F
+    out = {}
+    for name in ("down 14336->4096", "gate/up 4096->14336", "gate,up group 4096->2x14336", "q/o 4096->4096"):
+        x, projs, dys = _make(CASES[name], tokens, rank)
+        w = torch.cat([F.dequantize_4bit(q, st) for q, st, _, _ in projs], 0)
+        dy, xd = torch.cat(dys, -1), x.detach()
+        gemms = _graph_ms(lambda: (torch.mm(xd, w.t()), torch.mm(dy, w)))
+        params = [x] + [t for _, _, a, b in projs for t in (a, b)]
+        run = _system_fns("stock", x, projs)
+        stock = _graph_ms(lambda: torch.autograd.grad(run(), params, dys))
+        out[name] = {"gemms_ms": gemms[0], "stock_ms": stock[0], "ratio": gemms[0] / stock[0]}
+        print(f"{name}: two GEMMs {gemms[0]:.3f} ms, stock step {stock[0]:.3f} ms, GEMMs / stock "
+              f"{gemms[0] / stock[0]:.3f}", flush=True)
+    return out
+
+
 def _median_of_runs(runs: list) -> dict:
     """One system's results over repeated runs: per case and figure the median, the runs kept beside."""
     good = [r for r in runs if "error" not in r]
@@ -327,6 +348,8 @@ def main():
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "nf4_lora.json"))
     ap.add_argument("--dequant-only", action="store_true", help="only the dequantization checks and timing")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="only the two bf16 GEMMs every path runs, against the stock step (sustained)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time stock, fxfuse-compiled and the variants this many times, interleaved, each in a fresh "
                          "process; the tables give medians (a single run's figures moved by up to 6%% between "
@@ -346,6 +369,11 @@ def main():
         return
     if args.system:
         print("RESULT " + json.dumps(time_system(args.system, args.tokens, args.rank)))
+        return
+    if args.gemm_floor:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "gemm_floor": gemm_floor(args.tokens, args.rank)}, f,
+                      indent=1)
         return
 
     rows = dequant_bit_equal()
