@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from measure import capture_graph
+
 # (name, M-side rows, N output columns, K reduction, layout): "TN" is y = x @ W^T (W [N, K] row-major,
 # the forward), "NN" is dx = dy @ W (W [K, N] row-major, the backward).
 SHAPES = [("gate/up fwd", 14336, 4096, "TN"), ("q,k,v group fwd", 6144, 4096, "TN"),
@@ -41,16 +43,7 @@ def _median_ms(fn, reps=50) -> float:
 
 def _graph_median_ms(fn, reps=50) -> float:
     """As _median_ms, of fn captured as a CUDA graph (how the training step's device time is measured)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _median_ms(graph.replay, reps)
+    return _median_ms(capture_graph(fn), reps)
 
 
 def graph_and_library(m: int) -> list:

@@ -28,6 +28,8 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
+from measure import capture_graph  # noqa: E402
+
 # Kernel name -> category. First match wins.
 CATEGORIES = [
     ("gemm (cuBLAS/CUTLASS)", r"gemm|nvjet|cutlass|sm90_xmma|xmma_|cublas|gemv|splitKreduce"),
@@ -90,21 +92,6 @@ def print_table(title: str, wall_ms: float, table: dict) -> None:
         print(f"| `{row['kernel']}` | {row['ms']:.3f} | {row['calls']:.0f} |")
 
 
-def as_graph(fn):
-    """fn captured as a CUDA graph (warmed up on a side stream first): its replay, which launches the
-    same kernels with no host work between them, as benchmarks/nf4_lora.py times device time."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def timeline(prof, iters: int) -> list:
     """The last iteration's kernels in launch order: (name, start offset us, duration us, gap before us).
     The gaps show where the GPU waited between kernels (host launches; in a graph, the graph's own)."""
@@ -127,7 +114,7 @@ def profile(fn, warmup: int, iters: int, graph: bool = False):
         fn()
     torch.cuda.synchronize()
     if graph:
-        fn = as_graph(fn)
+        fn = capture_graph(fn)
         fn()
         torch.cuda.synchronize()
     t0 = time.perf_counter()

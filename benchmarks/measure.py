@@ -1,4 +1,4 @@
-"""What the GPU benchmarks share: the peak memory one call allocates."""
+"""What the GPU benchmarks share: the peak memory one call allocates, and a call captured as a CUDA graph."""
 from __future__ import annotations
 
 import torch
@@ -13,3 +13,18 @@ def peak_extra(step, unit: int = 2 ** 20) -> float:
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / unit
+
+
+def capture_graph(fn):
+    """fn captured as a CUDA graph, warmed up first on a side stream (as capture requires): returns the
+    graph's `replay`, which launches the same kernels with no host work between them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from measure import peak_extra  # noqa: E402
+from measure import capture_graph, peak_extra  # noqa: E402
 
 SINGLE = {"q/o 4096->4096": [(4096, 4096)], "k/v 4096->1024": [(1024, 4096)],
           "gate/up 4096->14336": [(14336, 4096)], "down 14336->4096": [(4096, 14336)]}
@@ -109,22 +109,15 @@ def _graph_ms(step) -> tuple[float, float] | None:
     alone: the median of 50 replays each timed by itself, which adds the graph's launch latency,
     up to 0.3 ms at these shapes, to every replay)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        replay = capture_graph(step)
+
         def median(batch, reps):
             times = []
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(batch):
-                    graph.replay()
+                    replay()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / batch)
