@@ -87,58 +87,39 @@ def loss_system(system) -> dict:
 
 
 def swiglu_system(system) -> dict:
+    """One system's SwiGLU at 4096 x 14336 bf16. "-halves": gate and up as the two halves of one
+    [N, 2 x 14336] output (a grouped gate,up projection's), the gradient taken for that output: stock
+    autograd assembles it from the two slices' gradients; fxfuse's swiglu_halves reads the halves in
+    place and writes the gradient in one buffer."""
+    from fxfuse.ops.swiglu import swiglu, swiglu_halves
     g = torch.Generator(device="cuda").manual_seed(1)
     gate = torch.randn(N, 14336, generator=g, device="cuda").to(torch.bfloat16).requires_grad_()
     up = torch.randn(N, 14336, generator=g, device="cuda").to(torch.bfloat16).requires_grad_()
     dh = torch.randn(N, 14336, generator=g, device="cuda").to(torch.bfloat16)
 
-    def ref(a, b):
+    def silu_mul(a, b):
         return torch.nn.functional.silu(a) * b
-    if system.endswith("-halves"):
-        return _swiglu_halves_system(system[:-len("-halves")], ref, gate, up, dh)
-    if system == "eager":
-        fn = ref
-    elif system == "inductor":
-        fn = torch.compile(ref)
-    elif system == "fxfuse":
-        from fxfuse.ops.swiglu import swiglu as fn
+    system, halves = system.removesuffix("-halves"), system.endswith("-halves")
+    if halves:
+        n = gate.shape[1]
+        inputs = (torch.cat([gate.detach(), up.detach()], -1).requires_grad_(),)
+
+        def ref(t):
+            return silu_mul(t[:, :n], t[:, n:])
+        ours = swiglu_halves
     else:
+        inputs, ref, ours = (gate, up), silu_mul, swiglu
+    if system not in ("eager", "inductor", "fxfuse"):
         raise ValueError(system)
+    fn = {"eager": ref, "fxfuse": ours}.get(system) or torch.compile(ref)
 
     def step():
-        h = fn(gate, up)
-        return (h, *torch.autograd.grad(h, (gate, up), dh))
+        h = fn(*inputs)
+        return (h, *torch.autograd.grad(h, inputs, dh))
     outs = step()
-    stock = (ref(gate, up), *torch.autograd.grad(ref(gate, up), (gate, up), dh))
+    stock = (ref(*inputs), *torch.autograd.grad(ref(*inputs), inputs, dh))
     bit_equal = [bool(torch.equal(a, b)) for a, b in zip(outs, stock)]
-    return {"fwd_bwd_ms": _bench(step), "fwd_ms": _bench(lambda: fn(gate, up)), "bit_equal_to_eager": bit_equal}
-
-
-def _swiglu_halves_system(system, ref, gate, up, dh) -> dict:
-    """gate and up as the two halves of one [N, 2 x 14336] output (a grouped gate,up projection's), the
-    gradient taken for that output: stock autograd assembles it from the two slices' gradients;
-    fxfuse's swiglu_halves reads the halves in place and writes the gradient in one buffer."""
-    n = gate.shape[1]
-    y = torch.cat([gate.detach(), up.detach()], -1).requires_grad_()
-
-    def halves(t):
-        return ref(t[:, :n], t[:, n:])
-    if system == "eager":
-        fn = halves
-    elif system == "inductor":
-        fn = torch.compile(halves)
-    elif system == "fxfuse":
-        from fxfuse.ops.swiglu import swiglu_halves as fn
-    else:
-        raise ValueError(system)
-
-    def step():
-        h = fn(y)
-        return (h, *torch.autograd.grad(h, (y,), dh))
-    outs = step()
-    stock = (halves(y), *torch.autograd.grad(halves(y), (y,), dh))
-    bit_equal = [bool(torch.equal(a, b)) for a, b in zip(outs, stock)]
-    return {"fwd_bwd_ms": _bench(step), "fwd_ms": _bench(lambda: fn(y)), "bit_equal_to_eager": bit_equal}
+    return {"fwd_bwd_ms": _bench(step), "fwd_ms": _bench(lambda: fn(*inputs)), "bit_equal_to_eager": bit_equal}
 
 
 def main():
