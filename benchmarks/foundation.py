@@ -109,7 +109,8 @@ def part_step(args, variant) -> dict:
     return {"part": f"step:{variant}", "layers": args.layers, "batch": args.batch, "seq": args.seq,
             "first_step_s": times[0], "median_step_ms": 1e3 * statistics.median(times[args.warmup:]),
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else float("nan"), "losses": losses,
-            "fired": fxfuse.last_report().counts() if variant != "stock" else {}}
+            "fired": fxfuse.last_report().counts() if variant != "stock" else {},
+            "post_passes": fxfuse.last_report().post_passes if variant != "stock" else []}
 
 
 def _child(part, args) -> dict:

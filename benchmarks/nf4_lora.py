@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from measure import capture_graph, peak_extra  # noqa: E402
+from measure import graph_replay_ms, peak_extra  # noqa: E402
 
 SINGLE = {"q/o 4096->4096": [(4096, 4096)], "k/v 4096->1024": [(1024, 4096)],
           "gate/up 4096->14336": [(14336, 4096)], "down 14336->4096": [(4096, 14336)]}
@@ -103,30 +103,6 @@ def _system_fns(system, x, projs):
     raise ValueError(system)
 
 
-def _graph_ms(step) -> tuple[float, float] | None:
-    """Device time of one fwd+bwd, replayed as a CUDA graph (no host work between its kernels):
-    (back to back: the median over 15 batches of 10 replays queued together, per replay;
-    alone: the median of 50 replays each timed by itself, which adds the graph's launch latency,
-    up to 0.3 ms at these shapes, to every replay)."""
-    try:
-        replay = capture_graph(step)
-
-        def median(batch, reps):
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(batch):
-                    replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / batch)
-            return sorted(times)[len(times) // 2]
-        return median(10, 15), median(1, 50)
-    except Exception:  # not capturable (e.g. a host sync inside)
-        return None
-
-
 def _grads_for(system, dys):
     """The output gradients as `system` receives them (fxfuse: one tensor for the group)."""
     return [torch.cat(dys, dim=-1)] if system.startswith("fxfuse") and len(dys) > 1 else dys
@@ -161,7 +137,7 @@ def time_system(system, tokens, rank) -> dict:
         peak = peak_extra(step)
         ms = float(triton.testing.do_bench(step, warmup=10, rep=200, return_mode="median"))
         fwd_ms = float(triton.testing.do_bench(lambda: run(), warmup=10, rep=100, return_mode="median"))
-        graph = _graph_ms(step)
+        graph = graph_replay_ms(step)
         out[name] = {"fwd_bwd_ms": ms, "fwd_ms": fwd_ms, "peak_extra_mib": peak,
                      "device_ms": graph and graph[0], "device_ms_alone": graph and graph[1]}
         del x, projs, dys, run
@@ -263,10 +239,10 @@ def gemm_floor(tokens, rank) -> dict:
         x, projs, dys = _make(CASES[name], tokens, rank)
         w = torch.cat([F.dequantize_4bit(q, st) for q, st, _, _ in projs], 0)
         dy, xd = torch.cat(dys, -1), x.detach()
-        gemms = _graph_ms(lambda: (torch.mm(xd, w.t()), torch.mm(dy, w)))
+        gemms = graph_replay_ms(lambda: (torch.mm(xd, w.t()), torch.mm(dy, w)))
         params = [x] + [t for _, _, a, b in projs for t in (a, b)]
         run = _system_fns("stock", x, projs)
-        stock = _graph_ms(lambda: torch.autograd.grad(run(), params, dys))
+        stock = graph_replay_ms(lambda: torch.autograd.grad(run(), params, dys))
         out[name] = {"gemms_ms": gemms[0], "stock_ms": stock[0], "ratio": gemms[0] / stock[0]}
         print(f"{name}: two GEMMs {gemms[0]:.3f} ms, stock step {stock[0]:.3f} ms, GEMMs / stock "
               f"{gemms[0] / stock[0]:.3f}", flush=True)

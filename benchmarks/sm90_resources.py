@@ -1,7 +1,7 @@
 """What each fxfuse Triton kernel costs in registers, spills and shared memory on sm_90 (or another
 NVIDIA target), with no GPU.
 
-    python benchmarks/sm90_resources.py [--only lora,nf4,rms_norm,rope,swiglu,attention] [--json PATH]
+    python benchmarks/sm90_resources.py [--only lora,nf4,rms_norm,rope,swiglu,cross_entropy,attention] [--json PATH]
                                         [--arch 80|86|89|90]
 
 Runs the kernels' host functions at the Llama-3-8B shapes on meta tensors, with a stand-in Triton
@@ -180,6 +180,14 @@ def cases_swiglu():
     yield "swiglu bwd 4096x14336", lambda: S.swiglu_backward(g, g, g)
 
 
+def cases_cross_entropy():
+    from fxfuse.kernels import cross_entropy as X
+    logits, labels = _meta(4096, 128256, dtype=torch.bfloat16), _meta(4096, dtype=torch.int64)
+    yield "cross_entropy fwd 4096x128256", lambda: X.cross_entropy_forward(logits, labels, validate_labels=False)
+    yield "cross_entropy bwd 4096x128256", lambda: X.cross_entropy_backward(_meta(4096, dtype=torch.float64), logits,
+                                                                            labels, _meta(4096))
+
+
 def cases_attention():
     from fxfuse.kernels import flash_attention as F
     q = _meta(2, 32, 2048, 128, dtype=torch.bfloat16)
@@ -191,7 +199,7 @@ def cases_attention():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="lora,nf4,rms_norm,rope,swiglu,attention")
+    ap.add_argument("--only", default="lora,nf4,rms_norm,rope,swiglu,cross_entropy,attention")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_PER_BLOCK),
                     help="compute capability to compile for (80 A100, 86/89 consumer Ampere/Ada, 90 H100/H200); "

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
 from .canonicalize import canon, canonicalize, subgraphs
-from .matcher import Decline, Pattern, apply_match, find_matches, module_path
+from .matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, apply_match, find_matches, module_path
 from .report import MatchRecord, Report
 
 __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
@@ -101,6 +101,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
     """Canonicalize `gm` and apply every pattern, in every transparent subgraph, in place."""
     canonicalize(gm)
     graph_report.total_nodes = _count_nodes(gm)
+    gm.meta[TOP_LEVEL_META] = True
     for _, sub in subgraphs(gm):
         fired = []
         had_users = {n for n in sub.graph.nodes if n.users}
@@ -188,6 +189,19 @@ def _inner_compile(gm, example_inputs, options):
     return compile_fx(gm, example_inputs, config_patches={**_INDUCTOR_DEFAULTS, **options.get("inductor_config", {})})
 
 
+def _with_output_fixups(compiled, fixups):
+    """`compiled` with the post passes' output fixups applied to what it returns (Pattern.post_pass)."""
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args):
+        outputs = list(compiled(*args))
+        for fix in reversed(fixups):
+            fix(outputs)
+        return outputs
+    run._boxed_call = boxed  # the same calling convention as the inner compiled function
+    return run
+
+
 def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None,
                    report: Report | None = None):
     """torch.compile backend entry point (registered as "fxfuse")."""
@@ -205,7 +219,7 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
     try:
-        return _inner_compile(gm, example_inputs, options)
+        compiled = _inner_compile(gm, example_inputs, options)
     except BaseException:
         # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd
         # specialised a symbolic float such as eps under dynamic=True). Dynamo retraces and calls us
@@ -214,6 +228,8 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
             if rep is not None and graph_report in rep.graphs:
                 rep.graphs.remove(graph_report)
         raise
+    fixups = gm.meta.get(OUTPUT_FIXUPS_META)
+    return _with_output_fixups(compiled, fixups) if fixups else compiled
 
 
 def _register():

@@ -28,7 +28,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative
 
-__all__ = ["Pattern", "Match", "Decline", "PatternError", "find_matches", "apply_match", "module_path"]
+__all__ = ["Pattern", "Match", "Decline", "PatternError", "find_matches", "apply_match", "module_path",
+           "TOP_LEVEL_META", "OUTPUT_FIXUPS_META"]
+
+# gm.meta keys of post passes (see Pattern.post_pass).
+TOP_LEVEL_META = "fxfuse_top_level"
+OUTPUT_FIXUPS_META = "fxfuse_output_fixups"
 
 
 class PatternError(ValueError):
@@ -86,7 +91,11 @@ class Pattern:
     post_pass:   optional `(graph_module) -> list[str]`, run on each graph where the pattern fired,
                  after every pattern was applied: rewrites between its replacements (e.g. merging
                  the projections that share an input into one call). Returns one line per change,
-                 shown by explain().
+                 shown by explain(). On the graph whose outputs reach the caller (not a subgraph),
+                 `gm.meta[TOP_LEVEL_META]` is True, and a post pass may change what it returns: it
+                 appends to `gm.meta[OUTPUT_FIXUPS_META]` a function `(outputs: list) -> None` that
+                 the backend applies to the compiled graph's outputs at run time (latest first), in
+                 place, giving the caller back the outputs the graph had (e.g. dropping ones it added).
     anchor:      optional canonical op key, or tuple of keys (e.g. "linear_4bit"), that every region
                  this pattern targets contains. An anchor op left in the graph after rewriting, which no decline
                  already explains, is reported as declined with `anchor_reason`: forms the pattern

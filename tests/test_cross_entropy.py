@@ -19,7 +19,8 @@ import torch.nn.functional as F  # noqa: E402
 from fxfuse.kernels import cross_entropy as K  # noqa: E402
 from fxfuse.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from fxfuse.ops.cross_entropy import (  # noqa: E402
-    causal_lm_cross_entropy, default_chunk_rows, fused_linear_cross_entropy)
+    attach_logits_grad, causal_lm_cross_entropy, default_chunk_rows, fused_linear_cross_entropy,
+    lm_head_causal_lm_loss)
 from fxfuse.testing import POISON, assert_exact  # noqa: E402
 
 # The interpreter's runtime-bound loops trip a numpy deprecation warning thousands of times, and
@@ -376,6 +377,83 @@ def test_fused_linear_chunking_does_not_change_the_rows():
         torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
 
 
+def run_stock_lm_head(hidden, weight, labels, num_items, tangent, compute_dtype=torch.float32):
+    """(loss, logits, dhidden, dweight) of lm_head + ForCausalLMLoss with the logits returned too,
+    their gradient `tangent` (None: unused) and the loss's DLOSS, through autograd."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logits = F.linear(h, w)
+    loss = stock_loss(logits.view(-1, w.shape[0]), labels, num_items, compute_dtype=compute_dtype)
+    outputs, grads = [loss], [torch.tensor(DLOSS, dtype=loss.dtype)]
+    if tangent is not None:
+        outputs.append(logits)
+        grads.append(tangent.to(logits.dtype))
+    torch.autograd.backward(outputs, grads)
+    return loss.detach(), logits.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("weight_grad,logits_grad", [(False, False), (False, True), (True, False)],
+                         ids=["frozen_lm_head", "frozen_lm_head-logits_with_gradient", "trained_lm_head"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lm_head_loss_exact(dtype, weight_grad, logits_grad):
+    b, t, h_dim, v = 2, 21, 64, 1000  # 42 rows: chunks of 16, 16 and 10
+    g = torch.Generator().manual_seed(_seed("lm_head", dtype, weight_grad, logits_grad))
+    hidden = torch.randn(b, t, h_dim, generator=g).to(dtype)
+    weight = (0.2 * torch.randn(v, h_dim, generator=g)).to(dtype)
+    labels = torch.randint(0, v, (b * t,), generator=g)
+    labels[torch.rand(b * t, generator=g) < 0.25] = IGNORE
+    tangent = (1e-3 * torch.randn(b, t, v, generator=g)).to(dtype) if logits_grad else None
+    for reduction in ("mean", "sum/num_items"):
+        items = make_num_items(labels, reduction)
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(weight_grad)
+        loss, logits, hidden_fp32 = lm_head_causal_lm_loss(h, w, labels, num_items_in_batch=items, chunk_rows=16)
+        assert not logits.requires_grad  # until attached, outside any graph (the backend does it)
+        if not weight_grad:
+            logits = attach_logits_grad(logits, hidden_fp32, w)
+            assert logits.requires_grad
+        outputs, grads = [loss], [torch.tensor(DLOSS)]
+        if logits_grad:
+            outputs.append(logits)
+            grads.append(tangent)
+        torch.autograd.backward(outputs, grads)
+        loss64, _, dh64, dw64 = run_stock_lm_head(hidden.double(), weight.double(), labels, items,
+                                                  None if tangent is None else tangent.double(), torch.float64)
+        loss_s, logits_s, dh_s, dw_s = run_stock_lm_head(hidden, weight, labels, items, tangent)
+        # The logits are the stock lm_head's, bit for bit: the same GEMM.
+        assert logits.shape == (b, t, v) and torch.equal(logits.detach(), logits_s)
+        assert_exact(f"loss ({reduction})", loss, loss64, loss_s)
+        assert h.grad.dtype == dtype
+        assert_exact(f"dhidden ({reduction})", h.grad, dh64, dh_s)
+        if weight_grad:
+            assert_exact(f"dweight ({reduction})", w.grad, dw64, dw_s)
+        else:
+            assert w.grad is None
+
+
+def test_attaching_logits_of_a_trained_lm_head_is_refused():
+    hidden = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    _, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, torch.randint(0, 40, (4,)))
+    with pytest.raises(ValueError, match="lm_head weight requires grad"):
+        attach_logits_grad(logits, hidden_fp32, weight)
+
+
+def test_lm_head_loss_chunking_does_not_change_dhidden():
+    # Each row of dhidden depends on that row only: any chunk size gives the same bits.
+    hidden = torch.randn(20, 32).bfloat16()
+    weight = (0.2 * torch.randn(300, 32)).bfloat16()
+    labels = torch.randint(0, 300, (20,))
+    labels[::4] = IGNORE
+    grads = []
+    for chunk_rows in (1, 7, 20, 64):
+        h = hidden.clone().requires_grad_()
+        loss = lm_head_causal_lm_loss(h, weight, labels, chunk_rows=chunk_rows)[0]
+        loss.backward()
+        grads.append(h.grad)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
 def test_default_chunk_rows():
     # ~256 MiB of logits per chunk: Llama-3's vocabulary in bf16 gives 1024 rows.
     assert default_chunk_rows(128256, torch.bfloat16) == 1024
@@ -402,6 +480,13 @@ def test_ops_opcheck():
         torch.library.opcheck(torch.ops.fxfuse.fused_linear_cross_entropy_backward.default,
                               (dloss, hidden.detach(), weight.detach(), labels, lse.detach(), IGNORE, 4,
                                need_dhidden, need_dweight))
+    torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy.default, (hidden, weight, labels, IGNORE, 4))
+    logits, rows, lse, _ = torch.ops.fxfuse.lm_head_cross_entropy(hidden, weight, labels, IGNORE, 4)
+    dhidden_fp32 = torch.randn(6, 16)
+    for need_dhidden, need_dweight in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy_backward.default,
+                              (dloss, dhidden_fp32, hidden.detach(), weight.detach(), logits.detach(), labels,
+                               lse.detach(), IGNORE, 4, need_dhidden, need_dweight))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum/num_items"])
@@ -419,7 +504,10 @@ def test_traces_into_one_graph(reduction):
     def flce(h, weight, labels, items):
         return fused_linear_cross_entropy(h, weight, labels, num_items_in_batch=items, chunk_rows=5)
 
-    for fn, inputs in ((ce, (logits,)), (flce, (hidden, weight))):
+    def lm_head(h, weight, labels, items):
+        return lm_head_causal_lm_loss(h, weight, labels, num_items_in_batch=items, chunk_rows=5)[0]
+
+    for fn, inputs in ((ce, (logits,)), (flce, (hidden, weight)), (lm_head, (hidden, weight))):
         results = []
         for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
             leaf = inputs[0].clone().requires_grad_()

@@ -17,14 +17,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_kernel", "_lora_outer_kernel",
             "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel",
-            "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_fwd_kernel", "_bwd_dq_kernel",
-            "_bwd_dkdv_kernel"}
+            "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
+            "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 
 
-# The kernels behind the patterns that are on by default (rms_norm, nf4_lora): these must also fit
-# the shared memory of the other GPUs QLoRA users train on (A100; RTX 30xx/40xx at 99 KiB per block).
+# The kernels behind the patterns that are on by default (rms_norm, nf4_lora, swiglu, causal_lm_loss): these
+# must also fit the shared memory of the other GPUs QLoRA users train on (A100; RTX 30xx/40xx at 99 KiB per block).
 DEFAULT_ON = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_kernel", "_lora_outer_kernel",
-              "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"}
+              "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel",
+              "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel"}
 
 
 @pytest.mark.parametrize("arch", [90, 80, 89])

@@ -31,7 +31,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # several programs with a ragged last one.
 SHAPES = [(1, 64), (3, 72), (17, 200), (5, 1000), (2, 3, 5, 40), (7,)]
 # The pattern, opted in (it is off by default) and passed as a user pattern.
-OPTIONS = {"enable": ["swiglu"], "inner": "eager"}
+OPTIONS = {"inner": "eager"}  # swiglu is on by default
 
 
 def _seed(*key) -> int:
@@ -363,10 +363,10 @@ def test_fires_for_fp16_and_fp32(dtype):
     assert rep.counts() == {"swiglu": 1}, str(rep)
 
 
-def test_off_by_default():
-    rep = fxfuse.explain(MLP(), _x(), options={"inner": "eager"})
-    off = [line for line in str(rep).splitlines() if line.startswith("off by default")]
-    assert rep.counts() == {} and len(off) == 1 and "swiglu" in off[0], str(rep)
+def test_on_by_default_and_can_be_turned_off():
+    assert fxfuse.explain(MLP(), _x(), options={"inner": "eager"}).counts() == {"swiglu": 1}
+    rep = fxfuse.explain(MLP(), _x(), options={"inner": "eager", "disable": ["swiglu"]})
+    assert rep.counts() == {} and "swiglu" in str(rep), str(rep)
 
 
 @pytest.mark.parametrize("spelling,expect", [

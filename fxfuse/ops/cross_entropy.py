@@ -1,7 +1,8 @@
-"""Causal-LM cross-entropy as custom ops: `fxfuse::cross_entropy`, `fxfuse::fused_linear_cross_entropy`
-and their backwards.
+"""Causal-LM cross-entropy as custom ops: `fxfuse::cross_entropy`, `fxfuse::lm_head_cross_entropy`,
+`fxfuse::fused_linear_cross_entropy` and their backwards.
 
     causal_lm_cross_entropy(logits_2d, labels_1d, ignore_index, num_items_in_batch)
+    lm_head_causal_lm_loss(hidden, weight, labels_1d, ignore_index, num_items_in_batch)  -> (loss, logits)
     fused_linear_cross_entropy(hidden_2d, weight, labels_1d, ignore_index, num_items_in_batch, chunk_rows)
 
 are transformers' `ForCausalLMLoss` after its label shift: `F.cross_entropy(logits.float(), labels,
@@ -14,7 +15,14 @@ hands the backward op its per-row scale, dloss / count or dloss / num_items_in_b
 the stock fp32 division computes it. The lse output takes no gradient (marked non-differentiable:
 a silently missing gradient would be worse than an error).
 
-`fused_linear_cross_entropy` also replaces the lm_head projection: it computes the logits
+`lm_head_cross_entropy` is the lm_head projection and the loss together, for a graph that also
+returns the logits: the forward forms the [N, V] logits in one GEMM, as the stock lm_head does, and
+returns them; the backward computes the loss's gradient of the logits a chunk of rows at a time and
+multiplies each chunk out to dhidden = dlogits @ weight at once, so the full [N, V] gradient never
+exists. The returned logits take no gradient in the op: `attach_logits_grad` gives them one, outside
+the compiled graph (see there why).
+
+`fused_linear_cross_entropy` also replaces the lm_head projection, for a caller that needs no logits: it computes the logits
 `hidden @ weight.T` in hidden's dtype, as the stock lm_head does, a chunk of rows at a time, and
 applies the cross-entropy kernel to each chunk, so the [N, V] logits never exist at once. Its
 backward computes each chunk's logits again, overwrites them in place with their gradient (in
@@ -29,7 +37,8 @@ from torch import Tensor
 
 from ..kernels import cross_entropy as kernels
 
-__all__ = ["causal_lm_cross_entropy", "fused_linear_cross_entropy", "default_chunk_rows"]
+__all__ = ["causal_lm_cross_entropy", "lm_head_causal_lm_loss", "attach_logits_grad", "fused_linear_cross_entropy",
+           "default_chunk_rows"]
 
 # A chunk's logits are at most this large (bf16 with Llama-3's 128256 vocabulary: 1024 rows,
 # 250 MiB). Big enough that each chunk's GEMMs run at full speed, small next to the stock path's
@@ -97,6 +106,133 @@ cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context
 
 
 # ------------------------------------------------------------------------------------------------
+# fxfuse::lm_head_cross_entropy
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fxfuse::lm_head_cross_entropy", mutates_args=())
+def lm_head_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                             chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logits, per-row loss, lse, hidden in fp32); chunk_rows: rows of the logits' gradient the backward
+    forms at a time. The fp32 hidden carries the gradient that reaches the logits from outside the loss
+    (`attach_logits_grad`)."""
+    _check_linear(hidden, weight, labels, chunk_rows)
+    # The stock lm_head's product, one GEMM in hidden's dtype (F.linear without bias is this mm).
+    logits = torch.mm(hidden, weight.t())
+    loss, lse = kernels.cross_entropy_forward(logits, labels.contiguous(), ignore_index)
+    return logits, loss, lse, hidden.float()
+
+
+@lm_head_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, chunk_rows):
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, weight.shape[0]), hidden.new_empty(n, dtype=torch.float64),
+            hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(hidden.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("fxfuse::lm_head_cross_entropy_backward", mutates_args=())
+def lm_head_cross_entropy_backward_op(dloss: Tensor, dhidden_fp32: Tensor, hidden: Tensor, weight: Tensor,
+                                      logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+                                      chunk_rows: int, need_dhidden: bool,
+                                      need_dweight: bool) -> tuple[Tensor, Tensor]:
+    """dhidden_fp32: the gradient carried by the fp32 hidden output (the logits' gradient from outside
+    the loss, multiplied out), added to the loss's before dhidden's one rounding."""
+    _check_linear(hidden, weight, labels, chunk_rows)
+    n, v = logits.shape
+    labels, lse = labels.contiguous(), lse.contiguous()
+    dhidden = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
+    dweight32 = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                 if need_dweight else None)
+    if need_dhidden or need_dweight:
+        buf = logits.new_empty(min(chunk_rows, n), v)
+        for start, end in _chunks(n, chunk_rows):
+            g = kernels.cross_entropy_backward(dloss[start:end], logits[start:end], labels[start:end],
+                                               lse[start:end], ignore_index, dlogits_out=buf[:end - start])
+            if need_dhidden:
+                # The stock backward's dlogits @ weight (fp32 accumulation), plus the carried gradient,
+                # rounded once to hidden's dtype.
+                dhidden[start:end] = _mm_fp32(g, weight).add_(dhidden_fp32[start:end])
+            if need_dweight:
+                _add_weight_grad(dweight32, g, hidden[start:end])
+    if dweight32 is None:
+        dweight = weight.new_empty(0)
+    else:
+        dweight = dweight32 if weight.dtype == torch.float32 else dweight32.to(weight.dtype)
+    return dhidden, dweight
+
+
+@lm_head_cross_entropy_backward_op.register_fake
+def _(dloss, dhidden_fp32, hidden, weight, logits, labels, lse, ignore_index, chunk_rows, need_dhidden,
+      need_dweight):
+    return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0))
+
+
+def _lmce_setup_context(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, chunk_rows = inputs
+    # The logits are saved, not recomputed: a caller that reads them holds them until the backward
+    # anyway, and the backward starts with this op.
+    ctx.save_for_backward(hidden, weight, labels, output[0], output[2])
+    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+    # The logits take no gradient here: a differentiable [N, V] output of a compiled graph is handed a
+    # zero gradient of its size by autograd whenever the caller does not use it, the very memory this
+    # op saves. `attach_logits_grad` gives the returned logits their gradient instead, through the
+    # fp32 hidden output, whose zero gradient is [N, H].
+    ctx.mark_non_differentiable(output[0], output[2])
+
+
+def _lmce_backward(ctx, _dlogits, dloss, _dlse, dhidden_fp32):
+    hidden, weight, labels, logits, lse = ctx.saved_tensors
+    need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dhidden or need_dweight):
+        return None, None, None, None, None
+    if dloss is None:  # only the logits were differentiated
+        dloss = lse.new_zeros(lse.shape)
+    if dhidden_fp32 is None:
+        dhidden_fp32 = hidden.new_zeros(hidden.shape, dtype=torch.float32)
+    dhidden, dweight = torch.ops.fxfuse.lm_head_cross_entropy_backward(
+        dloss, dhidden_fp32, hidden, weight, logits, labels, lse, ctx.ignore_index, ctx.chunk_rows, need_dhidden,
+        need_dweight)
+    return (dhidden if need_dhidden else None), (dweight if need_dweight else None), None, None, None
+
+
+lm_head_cross_entropy_op.register_autograd(_lmce_backward, setup_context=_lmce_setup_context)
+
+
+class _LogitsGrad(torch.autograd.Function):
+    """The lm_head's backward for a gradient that reaches its logits from outside the loss: multiplied
+    out to the fp32 hidden (fp32 accumulation, not rounded), which carries it into the loss op's backward."""
+
+    @staticmethod
+    def forward(ctx, logits, hidden_fp32, weight):
+        ctx.save_for_backward(weight)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, dlogits):
+        (weight,) = ctx.saved_tensors
+        v = dlogits.shape[-1]
+        dhidden = _mm_fp32(dlogits.reshape(-1, v), weight).view(*dlogits.shape[:-1], weight.shape[1])
+        return None, dhidden, None
+
+
+def attach_logits_grad(logits: Tensor, hidden_fp32: Tensor, weight: Tensor) -> Tensor:
+    """The logits returned by `lm_head_causal_lm_loss` (which take no gradient) made differentiable: a
+    gradient reaching them flows, as the stock lm_head's would, into `hidden_fp32` (its third output)
+    and through the loss op's backward to the hidden states. The lm_head weight must be frozen.
+
+    Called outside any compiled graph (the fxfuse backend calls it on the graph's outputs): a caller
+    that never differentiates the logits then costs nothing, where a differentiable output of a
+    compiled graph is handed a zero gradient the size of the logits."""
+    if weight.requires_grad:
+        raise ValueError("attach_logits_grad: the lm_head weight requires grad; only a frozen lm_head's returned "
+                         "logits are supported (fxfuse keeps a trained lm_head apart from the loss)")
+    if not torch.is_grad_enabled() or not hidden_fp32.requires_grad:
+        return logits
+    return _LogitsGrad.apply(logits, hidden_fp32, weight)
+
+
+# ------------------------------------------------------------------------------------------------
 # fxfuse::fused_linear_cross_entropy
 # ------------------------------------------------------------------------------------------------
 
@@ -119,6 +255,16 @@ def _check_linear(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: in
 def _chunks(n: int, chunk_rows: int):
     for start in range(0, n, chunk_rows):
         yield start, min(start + chunk_rows, n)
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b of 16-bit (or fp32) matrices in fp32, accumulated in fp32 and not rounded to 16 bits."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    # CPU has no 16-bit GEMM with fp32 output; products of 16-bit values are exact in fp32.
+    return a.float() @ b.float()
 
 
 def _add_weight_grad(dweight32: Tensor, dlogits: Tensor, hidden: Tensor) -> None:
@@ -252,6 +398,26 @@ def causal_lm_cross_entropy(logits_2d: Tensor, labels_1d: Tensor, ignore_index: 
     """
     loss_rows, _ = torch.ops.fxfuse.cross_entropy(logits_2d, labels_1d, ignore_index)
     return _reduce(loss_rows, labels_1d, ignore_index, num_items_in_batch)
+
+
+def lm_head_causal_lm_loss(hidden: Tensor, weight: Tensor, labels_1d: Tensor, ignore_index: int = -100,
+                           num_items_in_batch=None, chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`logits = F.linear(hidden, weight)` and `causal_lm_cross_entropy(logits.view(-1, V), labels_1d, ...)`.
+
+    hidden: [..., H]; weight: [V, H] of the same dtype (the lm_head weight, no bias). Returns
+    (loss, logits [..., V], hidden_fp32 [..., H]); the backward forms the logits' gradient `chunk_rows`
+    rows at a time (default: `default_chunk_rows`, ~256 MiB), never the full [N, V] (module docstring).
+    The logits take no gradient: `attach_logits_grad(logits, hidden_fp32, weight)` gives them the stock
+    lm_head's.
+    """
+    if hidden.dim() < 1:
+        raise ValueError("lm_head_causal_lm_loss: hidden must have a last (feature) dimension")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
+    logits, loss_rows, _, hidden_fp32 = torch.ops.fxfuse.lm_head_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels_1d, ignore_index, chunk_rows)
+    loss = _reduce(loss_rows, labels_1d, ignore_index, num_items_in_batch)
+    return loss, logits.view(*hidden.shape[:-1], weight.shape[0]), hidden_fp32.view(hidden.shape)
 
 
 def fused_linear_cross_entropy(hidden_2d: Tensor, weight: Tensor, labels_1d: Tensor, ignore_index: int = -100,
