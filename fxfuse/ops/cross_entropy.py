@@ -2,7 +2,8 @@
 `fxfuse::fused_linear_cross_entropy` and their backwards.
 
     causal_lm_cross_entropy(logits_2d, labels_1d, ignore_index, num_items_in_batch)
-    lm_head_causal_lm_loss(hidden, weight, labels_1d, ignore_index, num_items_in_batch)  -> (loss, logits)
+    lm_head_causal_lm_loss(hidden, weight, labels_1d, ignore_index, num_items_in_batch)
+        -> (loss, logits, hidden_fp32)
     fused_linear_cross_entropy(hidden_2d, weight, labels_1d, ignore_index, num_items_in_batch, chunk_rows)
 
 are transformers' `ForCausalLMLoss` after its label shift: `F.cross_entropy(logits.float(), labels,
@@ -22,13 +23,13 @@ multiplies each chunk out to dhidden = dlogits @ weight at once, so the full [N,
 exists. The returned logits take no gradient in the op: `attach_logits_grad` gives them one, outside
 the compiled graph (see there why).
 
-`fused_linear_cross_entropy` also replaces the lm_head projection, for a caller that needs no logits: it computes the logits
-`hidden @ weight.T` in hidden's dtype, as the stock lm_head does, a chunk of rows at a time, and
-applies the cross-entropy kernel to each chunk, so the [N, V] logits never exist at once. Its
-backward computes each chunk's logits again, overwrites them in place with their gradient (in
-hidden's dtype, rounded once, as the stock backward rounds it) and multiplies out dhidden =
-dlogits @ weight per chunk; dweight, only when the weight requires grad, is accumulated over the
-chunks in fp32 and rounded once.
+`fused_linear_cross_entropy` also replaces the lm_head projection, for a caller that needs no
+logits: it computes the logits `hidden @ weight.T` in hidden's dtype, as the stock lm_head does, a
+chunk of rows at a time, and applies the cross-entropy kernel to each chunk, so the [N, V] logits
+never exist at once. Its backward computes each chunk's logits again, overwrites them in place with
+their gradient (in hidden's dtype, rounded once, as the stock backward rounds it) and multiplies out
+dhidden = dlogits @ weight per chunk; dweight, only when the weight requires grad, is accumulated
+over the chunks in fp32 and rounded once.
 """
 from __future__ import annotations
 
