@@ -6,7 +6,7 @@ cast back (Llama casts first, then multiplies in bf16). So the built-in `rms_nor
 match it, and its kernel, which rounds before the weight multiply, would not be faithful to it anyway.
 
 This file adds a pattern for it with the public API only (`fxfuse.Pattern`, `fxfuse.explain`,
-`fxfuse.testing.assert_exact`, the `extra_patterns` option), and prints what fxfuse does to a tiny
+`fxfuse.testing.check_pattern`, the `extra_patterns` option), and prints what fxfuse does to a tiny
 QLoRA Gemma 3 before and after. The replacement is plain PyTorch (no kernel): a forward bit-equal to
 Gemma's, and a hand-written backward that keeps only x (bf16) and the fp32 row scale rstd for the
 backward pass, where the stock autograd graph keeps fp32 copies of x and of the normalised x.
@@ -23,7 +23,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors:
 import torch
 
 import fxfuse
-from fxfuse.testing import assert_exact
+from fxfuse.testing import check_pattern
 
 
 # 1. The reference: transformers' Gemma3RMSNorm.forward with `_norm` inlined, op for op.
@@ -82,20 +82,11 @@ GEMMA_RMS_NORM = fxfuse.Pattern(
 
 
 def check_exact(shape=(4, 33, 64), dtype=torch.bfloat16, seed=0):
-    """The reference is the oracle: float64 and stock-dtype runs of it, the replacement held to assert_exact."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    w = (0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
-    dy = torch.randn(shape, generator=g).to(dtype)
-    results = {}
-    for name, fn, cast in (("ours", gemma_rms_norm_replacement, dtype), ("stock", gemma_rms_norm, dtype),
-                           ("ref64", gemma_rms_norm, torch.float64)):
-        xi, wi = x.to(cast).requires_grad_(), w.to(cast).requires_grad_()
-        y = fn(xi, wi, 1e-6)
-        results[name] = (y, *torch.autograd.grad(y, (xi, wi), dy.to(cast)))
-    for i, what in enumerate(("y", "dx", "dweight")):
-        assert_exact(what, results["ours"][i], results["ref64"][i], results["stock"][i])
-    assert torch.equal(results["ours"][0], results["stock"][0])  # the forward is bit-equal
+    """The reference is the oracle: check_pattern runs it in float64 and in `dtype` on random inputs of this
+    shape and holds the replacement's output and gradients to the exactness criterion. The forward is bit-equal."""
+    x, w = torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype)
+    results = check_pattern(GEMMA_RMS_NORM, (x, w, 1e-6), seeds=(seed,))
+    assert torch.equal(gemma_rms_norm_replacement(x, w, 1e-6), gemma_rms_norm(x, w, 1e-6))
     return results
 
 
@@ -128,7 +119,7 @@ def tiny_qlora_gemma3():
 
 def main():
     check_exact()
-    print("gemma_rms_norm replacement: forward bit-equal, gradients exact (fxfuse.testing.assert_exact)\n")
+    print("gemma_rms_norm replacement: forward bit-equal, gradients exact (fxfuse.testing.check_pattern)\n")
     model = tiny_qlora_gemma3()
     ids = torch.randint(0, 160, (2, 24), generator=torch.Generator().manual_seed(1))
     # inner="eager": skip Inductor's compile time; which patterns fire does not depend on it.

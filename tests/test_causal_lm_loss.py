@@ -15,7 +15,7 @@ ENABLE = {}  # on by default
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_loss_pattern_fires_and_gradients_are_exact(checkpointing):
     report = check_compiled_gradients(checkpointing, ENABLE)
-    assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "causal_lm_loss": 1}, str(report)
+    assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "swiglu": 2, "causal_lm_loss": 1}, str(report)
     # The lm_head is taken into the loss (fxfuse::lm_head_cross_entropy), and the graph still returns the logits.
     assert sum("takes the lm_head into the loss" in line for line in report.post_passes) == 1, str(report)
 

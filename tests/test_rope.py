@@ -81,7 +81,7 @@ def test_op_opcheck():
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_fires_for_q_and_k_and_gradients_are_exact(checkpointing):
     report = check_compiled_gradients(checkpointing, {"enable": ["rope"]})
-    assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "rope": 4}, str(report)
+    assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "rope": 4, "swiglu": 2, "causal_lm_loss": 1}, str(report)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128])

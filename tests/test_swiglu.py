@@ -30,7 +30,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Widths not powers of two; a 4-D case and a 1-D one (the kernels see flat arrays); 5 x 1000 spans
 # several programs with a ragged last one.
 SHAPES = [(1, 64), (3, 72), (17, 200), (5, 1000), (2, 3, 5, 40), (7,)]
-# The pattern, opted in (it is off by default) and passed as a user pattern.
+# The interpreter's stock path skipped (inner="eager"): swiglu itself is on by default.
 OPTIONS = {"inner": "eager"}  # swiglu is on by default
 
 
@@ -416,7 +416,7 @@ def test_fires_in_qlora_llama_and_gradients_are_exact(checkpointing):
     # and up are LoRA outputs, inside an activation-checkpoint body with checkpointing; every LoRA
     # gradient stays exact against the float64 twin.
     report = check_compiled_gradients(checkpointing, OPTIONS, layers=1)
-    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1}, str(report)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1, "causal_lm_loss": 1}, str(report)
     assert report.where("swiglu") == ["layers.0.mlp"]
 
 
@@ -471,6 +471,6 @@ def test_qlora_llama_reads_the_grouped_gate_up_output_whole():
     # nf4_lora groups gate_proj+up_proj into one output; the SwiGLU post pass then reads it whole, and
     # every LoRA gradient stays exact (the gradient of y arrives in one buffer, no concatenation).
     report = check_compiled_gradients(False, OPTIONS, layers=1)
-    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1}, str(report)
+    assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1, "causal_lm_loss": 1}, str(report)
     assert "swiglu: reads the grouped gate,up output at layers.0.mlp in place (its gradient in one buffer)" \
         in report.post_passes, str(report)
