@@ -9,11 +9,7 @@
 #                                                 and with causal_lm_loss and swiglu on (about 3 minutes; PARTS=
 #                                                 overrides foundation.py's parts)
 # Outputs land in $OUT (or benchmarks/results).
-set -euo pipefail
-OUT=${OUT:-benchmarks/results}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
   sections)
     python benchmarks/loss_mlp.py --json "$OUT/loss_mlp.json" ${ONLY:+--only "$ONLY"} 2>&1 | grep -v "^loss:\|^swiglu:" ;;

@@ -9,11 +9,7 @@
 #   bash benchmarks/nf4_lora_session.sh diagnose the CUDA-graph replay kernel by kernel, cuBLAS eager against
 #                                                captured, ncu counters of the rank-r kernels (about 6 minutes)
 # Outputs land in $OUT (or benchmarks/results).
-set -euo pipefail
-OUT=${OUT:-benchmarks/results}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
   timing)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/usite .whlu/*.whl >/dev/null 2>&1

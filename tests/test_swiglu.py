@@ -30,8 +30,8 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Widths not powers of two; a 4-D case and a 1-D one (the kernels see flat arrays); 5 x 1000 spans
 # several programs with a ragged last one.
 SHAPES = [(1, 64), (3, 72), (17, 200), (5, 1000), (2, 3, 5, 40), (7,)]
-# The interpreter's stock path skipped (inner="eager"): swiglu itself is on by default.
-OPTIONS = {"inner": "eager"}  # swiglu is on by default
+# inner="eager": the rest of the graph runs eagerly (no Inductor compile time on the CPU).
+OPTIONS = {"inner": "eager"}  # swiglu itself is on by default
 
 
 def _seed(*key) -> int:

@@ -141,9 +141,7 @@ def lm_head_cross_entropy_backward_op(dloss: Tensor, dhidden_fp32: Tensor, hidde
     _check_linear(hidden, weight, labels, chunk_rows)
     n, v = logits.shape
     labels, lse = labels.contiguous(), lse.contiguous()
-    dhidden = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
-    dweight32 = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                 if need_dweight else None)
+    dhidden, dweight32 = _grad_buffers(hidden, weight, need_dhidden, need_dweight)
     if need_dhidden or need_dweight:
         buf = logits.new_empty(min(chunk_rows, n), v)
         for start, end in _chunks(n, chunk_rows):
@@ -155,18 +153,13 @@ def lm_head_cross_entropy_backward_op(dloss: Tensor, dhidden_fp32: Tensor, hidde
                 dhidden[start:end] = _mm_fp32(g, weight).add_(dhidden_fp32[start:end])
             if need_dweight:
                 _add_weight_grad(dweight32, g, hidden[start:end])
-    if dweight32 is None:
-        dweight = weight.new_empty(0)
-    else:
-        dweight = dweight32 if weight.dtype == torch.float32 else dweight32.to(weight.dtype)
-    return dhidden, dweight
+    return dhidden, _weight_grad_out(dweight32, weight)
 
 
 @lm_head_cross_entropy_backward_op.register_fake
 def _(dloss, dhidden_fp32, hidden, weight, logits, labels, lse, ignore_index, chunk_rows, need_dhidden,
       need_dweight):
-    return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
-            weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0))
+    return _grad_buffers(hidden, weight, need_dhidden, need_dweight, fake=True)
 
 
 def _lmce_setup_context(ctx, inputs, output):
@@ -258,6 +251,23 @@ def _chunks(n: int, chunk_rows: int):
         yield start, min(start + chunk_rows, n)
 
 
+def _grad_buffers(hidden: Tensor, weight: Tensor, need_dhidden: bool, need_dweight: bool, fake: bool = False):
+    """The backward ops' outputs: dhidden, and dweight's fp32 accumulator (None when not needed; `fake`: the
+    op's fake result, dweight in the weight's dtype). A custom op cannot return None: an empty tensor stands
+    for "not needed"."""
+    dhidden = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
+    if fake:
+        return dhidden, weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0)
+    return dhidden, (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None)
+
+
+def _weight_grad_out(dweight32: Tensor | None, weight: Tensor) -> Tensor:
+    """dweight rounded once to the weight's dtype, or the empty stand-in."""
+    if dweight32 is None:
+        return weight.new_empty(0)
+    return dweight32 if weight.dtype == torch.float32 else dweight32.to(weight.dtype)
+
+
 def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b of 16-bit (or fp32) matrices in fp32, accumulated in fp32 and not rounded to 16 bits."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
@@ -318,10 +328,7 @@ def fused_linear_cross_entropy_backward_op(dloss: Tensor, hidden: Tensor, weight
     _check_linear(hidden, weight, labels, chunk_rows)
     n, v = hidden.shape[0], weight.shape[0]
     labels, lse = labels.contiguous(), lse.contiguous()
-    # A custom op cannot return None: an empty tensor stands for "not needed".
-    dhidden = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
-    dweight32 = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                 if need_dweight else None)
+    dhidden, dweight32 = _grad_buffers(hidden, weight, need_dhidden, need_dweight)
     if need_dhidden or need_dweight:
         buf = hidden.new_empty(min(chunk_rows, n), v)
         weight_t = weight.t()
@@ -337,17 +344,12 @@ def fused_linear_cross_entropy_backward_op(dloss: Tensor, hidden: Tensor, weight
                 torch.mm(dlogits, weight, out=dhidden[start:end])
             if need_dweight:
                 _add_weight_grad(dweight32, dlogits, h)
-    if dweight32 is None:
-        dweight = weight.new_empty(0)
-    else:
-        dweight = dweight32 if weight.dtype == torch.float32 else dweight32.to(weight.dtype)
-    return dhidden, dweight
+    return dhidden, _weight_grad_out(dweight32, weight)
 
 
 @fused_linear_cross_entropy_backward_op.register_fake
 def _(dloss, hidden, weight, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight):
-    return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0),
-            weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0))
+    return _grad_buffers(hidden, weight, need_dhidden, need_dweight, fake=True)
 
 
 def _flce_setup_context(ctx, inputs, output):
