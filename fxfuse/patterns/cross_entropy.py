@@ -10,7 +10,7 @@ writes the logits' gradient once in their dtype: none of the stock path's three 
 (the copy, the log-softmax kept for backward, the fp32 gradient) exists.
 
 Their post pass takes the lm_head (`F.linear(hidden, weight)`, no bias) into the loss:
-- The graph returns the logits (`CausalLMOutput.logits`: TRL reads them for its token-accuracy and
+- The graph returns the logits (`CausalLMOutput.logits`: training loops read them for accuracy or
   entropy metrics; a caller may use them any way, a gradient of their own included). They are
   formed whole, by `fxfuse::lm_head_cross_entropy`, whose backward forms the loss's gradient of them
   a chunk of rows at a time, each chunk multiplied out to dhidden at once: the full [N, V] gradient
