@@ -39,7 +39,7 @@ compute-bound.
     swiglu_backward(dh, gate, up)         -> (d_gate, d_up)
 
 This module knows nothing of graphs or autograd. Inputs are tensors of any shape whose rows (the last
-dimension) are contiguous, each with a row stride of its own (one program per row and BLOCK columns):
+dimension) are contiguous, each with a row stride of its own (one program per row and BLOCK columns on the GPU):
 contiguous tensors, and the two column halves of one gate,up projection output, read in place.
 bf16, fp16 or fp32, all of one dtype.
 """
@@ -60,6 +60,7 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # load per operand for bf16/fp16 (when the row strides are multiples of 8). Not tuned on a GPU yet.
 _BLOCK = 1024
 _NUM_WARPS = 4
+_INTERPRETED_ROWS = 32
 
 
 @triton.jit
@@ -93,17 +94,17 @@ def _fma(a, b, c, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _swiglu_fwd_kernel(
     GATE, UP, H,
-    cols, stride_g, stride_u, stride_h,
-    BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
+    n_rows, cols, stride_g, stride_u, stride_h,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    # Program (row, column block): rows of a row stride of their own, so that gate and up can be the
-    # two halves of one [.., 2N] projection output (the gate,up group's) without a copy.
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < cols
+    # Program (ROWS rows, column block): rows of a row stride of their own, so that gate and up can be
+    # the two halves of one [.., 2N] projection output (the gate,up group's) without a copy.
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    offs = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < n_rows) & (offs < cols)
     # Masked lanes load 0 (silu(0) = 0, no NaN to trip over) and are never stored.
-    g = tl.load(GATE + row * stride_g + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(UP + row * stride_u + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(GATE + rows * stride_g + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(UP + rows * stride_u + offs, mask=mask, other=0.0).to(ACC)
     dt = H.dtype.element_ty
     # silu as aten writes it: gate / (1 + exp(-gate)), not gate * sigmoid(gate) (other bits).
     s = div_rn(g, 1.0 + _exp(-g, INTERPRETED), ACC)
@@ -111,21 +112,21 @@ def _swiglu_fwd_kernel(
         # The stock silu op rounds its output before the multiply; so must we. The product of two
         # bf16/fp16 values is then exact in fp32, and h below is rounded once, as stock's mul.
         s = round_to(s, dt, INTERPRETED).to(ACC)
-    tl.store(H + row * stride_h + offs, round_to(s * u, dt, INTERPRETED), mask=mask)
+    tl.store(H + rows * stride_h + offs, round_to(s * u, dt, INTERPRETED), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
     DH, GATE, UP, DGATE, DUP,
-    cols, stride_dh, stride_g, stride_u, stride_dg, stride_du,
-    BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
+    n_rows, cols, stride_dh, stride_g, stride_u, stride_dg, stride_du,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < cols
-    dh = tl.load(DH + row * stride_dh + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(GATE + row * stride_g + offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(UP + row * stride_u + offs, mask=mask, other=0.0).to(ACC)
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    offs = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < n_rows) & (offs < cols)
+    dh = tl.load(DH + rows * stride_dh + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(GATE + rows * stride_g + offs, mask=mask, other=0.0).to(ACC)
+    u = tl.load(UP + rows * stride_u + offs, mask=mask, other=0.0).to(ACC)
     dt = DGATE.dtype.element_ty
 
     # One exp serves both: the forward's s (same ops, same bits) and silu_backward's sigmoid. (On
@@ -143,8 +144,8 @@ def _swiglu_bwd_kernel(
     # aten's silu_backward: dy * sig * (1 + x * (1 - sig)), multiplied left to right.
     d_gate = d_s * sig * _fma(g, 1.0 - sig, 1.0, ACC, INTERPRETED)
 
-    tl.store(DGATE + row * stride_dg + offs, round_to(d_gate, dt, INTERPRETED), mask=mask)
-    tl.store(DUP + row * stride_du + offs, round_to(d_up, dt, INTERPRETED), mask=mask)
+    tl.store(DGATE + rows * stride_dg + offs, round_to(d_gate, dt, INTERPRETED), mask=mask)
+    tl.store(DUP + rows * stride_du + offs, round_to(d_up, dt, INTERPRETED), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,9 +224,18 @@ def _check_own_buffer(name: str, buf: torch.Tensor, *others: torch.Tensor) -> No
             raise ValueError(f"swiglu: {name} shares memory with an input or another output")
 
 
-def _grid(t: torch.Tensor):
+def _launch(t: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """(grid, tile constexprs) for t's rows. On the GPU one row per program. Triton's interpreter runs
+    each program's ops one by one in Python, so there a program takes a tile of _INTERPRETED_ROWS rows
+    and just the row's width: the same code, on 2-D tiles, in a fraction of the programs (the CPU tests
+    of whole models spent minutes here)."""
     cols = t.shape[-1]
-    return (t.numel() // cols, _cdiv(cols, _BLOCK))
+    n_rows = t.numel() // cols
+    if interpreted():
+        rows, block = _INTERPRETED_ROWS, min(_BLOCK, 1 << (cols - 1).bit_length())
+    else:
+        rows, block = 1, _BLOCK
+    return (_cdiv(n_rows, rows), _cdiv(cols, block)), dict(ROWS=rows, BLOCK=block)
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,9 +256,10 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | 
     n = gate.numel()
     if n == 0:
         return out
-    _swiglu_fwd_kernel[_grid(gate)](
-        gate, up, out, gate.shape[-1], row_stride(gate), row_stride(up), row_stride(out),
-        BLOCK=_BLOCK, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
+    grid, tile = _launch(gate)
+    _swiglu_fwd_kernel[grid](
+        gate, up, out, n // gate.shape[-1], gate.shape[-1], row_stride(gate), row_stride(up), row_stride(out),
+        **tile, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
         num_warps=_NUM_WARPS,
     )
     return out
@@ -282,10 +293,11 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
     n = gate.numel()
     if n == 0:
         return d_gate_out, d_up_out
-    _swiglu_bwd_kernel[_grid(gate)](
-        dh, gate, up, d_gate_out, d_up_out, gate.shape[-1], row_stride(dh), row_stride(gate), row_stride(up),
-        row_stride(d_gate_out), row_stride(d_up_out),
-        BLOCK=_BLOCK, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
+    grid, tile = _launch(gate)
+    _swiglu_bwd_kernel[grid](
+        dh, gate, up, d_gate_out, d_up_out, n // gate.shape[-1], gate.shape[-1], row_stride(dh), row_stride(gate),
+        row_stride(up), row_stride(d_gate_out), row_stride(d_up_out),
+        **tile, ACC=_acc(gate.dtype), WIDE=gate.dtype == torch.float32, INTERPRETED=interpreted(),
         num_warps=_NUM_WARPS,
     )
     return d_gate_out, d_up_out
