@@ -171,6 +171,8 @@ def cases_rope():
     from fxfuse.kernels import rope as R
     x, c = _meta(2, 32, 2048, 128, dtype=torch.bfloat16), _meta(2, 1, 2048, 128, dtype=torch.bfloat16)
     yield "rope fwd 2x32x2048x128", lambda: R.rope_forward(x, c, c)
+    k = _meta(2, 8, 2048, 128, dtype=torch.bfloat16)
+    yield "rope_qk fwd 2x32/8x2048x128", lambda: R.rope_qk_forward(x, k, c, c)
 
 
 def cases_swiglu():
@@ -195,6 +197,18 @@ def cases_attention():
     yield "flash attention fwd 2x32/8x2048x128", lambda: F.flash_attention_forward(q, kv, kv, causal=True, scale=0.088)
     yield "flash attention bwd", lambda: F.flash_attention_backward(q, q, kv, kv, _meta(2, 32, 2048), causal=True,
                                                                     scale=0.088)
+    # The variants the patterns launch: RoPE on load, transformers' bool mask, eager's additive mask.
+    rope = dict(cos=_meta(1, 2048, 128, dtype=torch.bfloat16), sin=_meta(1, 2048, 128, dtype=torch.bfloat16))
+    yield "flash attention fwd, RoPE fused", lambda: F.flash_attention_forward(q, kv, kv, causal=True, scale=0.088,
+                                                                               **rope)
+    yield "flash attention bwd, RoPE fused", lambda: F.flash_attention_backward(
+        q, q, kv, kv, _meta(2, 32, 2048), causal=True, scale=0.088, **rope)
+    for kind, dtype in (("bool", torch.bool), ("additive", torch.bfloat16)):
+        mask = _meta(2, 1, 2048, 2048, dtype=dtype)
+        yield f"flash attention fwd, {kind} mask", lambda m=mask: F.flash_attention_forward(
+            q, kv, kv, causal=False, scale=0.088, attn_mask=m, **rope)
+        yield f"flash attention bwd, {kind} mask", lambda m=mask: F.flash_attention_backward(
+            q, q, kv, kv, _meta(2, 32, 2048), causal=False, scale=0.088, attn_mask=m, **rope)
 
 
 def main():

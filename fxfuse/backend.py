@@ -17,6 +17,7 @@ The default inner compiler is Inductor: measured faster and leaner than eager on
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import operator
 
@@ -36,10 +37,17 @@ INNER_COMPILERS = ("eager", "aot_eager", "inductor")
 DEFAULT_INNER = "inductor"
 # Eager's rounding at every explicit cast (`.to(bfloat16)`), kept under Inductor's fusion.
 _INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
-_OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config"}
+_OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config", "attention"}
+# The options of the graph being rewritten, for constraints that depend on them (current_options()).
+_CURRENT_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("fxfuse_options", default={})
 
 # The report of everything compiled since import (or since `last_report().graphs.clear()`).
 _LAST = Report()
+
+
+def current_options() -> dict:
+    """The validated options of the graph being rewritten ({} outside a rewrite)."""
+    return _CURRENT_OPTIONS.get()
 
 
 def last_report() -> Report:
@@ -79,6 +87,9 @@ def validate_options(options) -> dict:
         raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
     if "inductor_config" in options and not isinstance(options["inductor_config"], dict):
         raise TypeError("option 'inductor_config' must be a dict")
+    from .patterns.attention import ATTENTION_POLICIES
+    if options.get("attention", "measured") not in ATTENTION_POLICIES:
+        raise ValueError(f"option 'attention' must be one of {ATTENTION_POLICIES}, got {options['attention']!r}")
     return options
 
 
@@ -133,7 +144,10 @@ def _erase_dead_producers(graph: fx.Graph, had_users: set) -> None:
     def dead(n):
         if n.users or n.op in ("placeholder", "output"):
             return False
-        return n in had_users or (n.op == "call_function" and n.target is operator.getitem)
+        # fxfuse's own entry points (fxfuse.ops) are pure: one a post pass made and a later one
+        # superseded (a rope_qk whose rotation moved into the attention kernel) must not run.
+        return n in had_users or (n.op == "call_function" and (
+            n.target is operator.getitem or getattr(n.target, "__module__", "").startswith("fxfuse.ops.")))
     changed = True
     while changed:
         changed = False
@@ -214,7 +228,11 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     graph_report.disabled = disabled
     graph_report.off_by_default = off_by_default
     graph_report.inner = options.get("inner", DEFAULT_INNER)
-    rewrite(gm, patterns, graph_report, fake_mode)
+    token = _CURRENT_OPTIONS.set(options)
+    try:
+        rewrite(gm, patterns, graph_report, fake_mode)
+    finally:
+        _CURRENT_OPTIONS.reset(token)
     if report is not None:  # explain(): keep the process-wide record complete too
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})

@@ -62,6 +62,9 @@ _SIGNATURES = {
     "transpose": "(self, dim0, dim1)", "unsqueeze": "(self, dim)", "softmax": "(input, dim=None, _stacklevel=3, dtype=None)",
     "cross_entropy": "(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
                      "reduction='mean', label_smoothing=0.0)",
+    "scaled_dot_product_attention": "(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, "
+                                    "scale=None, *, enable_gqa=False)",
+    "dropout": "(input, p=0.5, training=True, inplace=False)",
 }
 _BOUND = {k: inspect.Signature.from_callable(eval(f"lambda {v[1:-1]}: None", {"torch": torch}))  # noqa: S307
           for k, v in _SIGNATURES.items()}
@@ -162,6 +165,17 @@ def canon(node: fx.Node) -> Canon | None:
             return Canon(key, (node.args[0], half))
     sig = _BOUND.get(key)
     args, kwargs = tuple(node.args), dict(node.kwargs)
+    if key == "dropout":
+        # Dropout with p = 0 is the identity in training and in eval (transformers' attention calls
+        # it with the module's rate): it reads as a plain clone, which the matcher looks through.
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return Canon("dropout.other", args)
+        bound.apply_defaults()
+        x, prob, _, inplace = bound.arguments.values()
+        if prob == 0 and not isinstance(prob, bool) and inplace is False:
+            return Canon("clone", (x, None))
     if sig is None:
         return Canon(key, args + tuple(sorted(kwargs.items())))
     try:

@@ -193,7 +193,13 @@ def trace_reference(pattern: Pattern) -> fx.GraphModule:
     if len(placeholders) != len(tensor_params):
         raise PatternError(f"pattern {pattern.name!r}: {len(placeholders)} graph inputs for tensor "
                            f"parameters {tensor_params} (is a parameter unused?)")
-    for node, p in zip(placeholders, tensor_params):
+    # Dynamo creates inputs in the order the body first reads them, not the parameters' order: name
+    # each after its source (`L['x']`, placeholder `l_x_`) when it can be read, else by position.
+    by_name = {f"l_{p.lower()}_": p for p in tensor_params}
+    names = [by_name.get(node.target.lower() if isinstance(node.target, str) else "") for node in placeholders]
+    if sorted(n for n in names if n) != sorted(tensor_params):
+        names = tensor_params
+    for node, p in zip(placeholders, names):
         node.meta["fxfuse_param"] = p
     # Replace sentinel constants by markers in the canonical views. A dtype constant equal to the
     # dtype of an example tensor is generic: `x.to(bfloat16)` traced on bf16 examples matches

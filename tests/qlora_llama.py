@@ -102,10 +102,25 @@ def _cast_lora(model, dtype):
                 p.data = p.data.to(dtype)
 
 
-def batch(vocab=CONFIG["vocab_size"], b=2, t=24, seed=0, device="cpu"):
+def batch(vocab=CONFIG["vocab_size"], b=2, t=24, seed=0, device="cpu", layout="plain"):
+    """Random token ids and their labels. layout "padded": the last row right-padded by a third (its
+    attention_mask 0 and labels -100 there); "packed": every row three sequences packed back to back
+    (position_ids restarting at 0, TRL's padding-free batches)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (b, t), generator=g).to(device)
-    return {"input_ids": ids, "labels": ids.clone()}
+    out = {"input_ids": ids, "labels": ids.clone()}
+    if layout == "padded":
+        mask = torch.ones(b, t, dtype=torch.long, device=device)
+        mask[-1, t - t // 3:] = 0
+        out["attention_mask"] = mask
+        out["labels"] = ids.masked_fill(mask == 0, -100)
+    elif layout == "packed":
+        cuts = [0, t // 3, t // 3 + t // 4 + 1, t]
+        pos = torch.cat([torch.arange(cuts[i + 1] - cuts[i]) for i in range(3)])
+        out["position_ids"] = pos[None].expand(b, t).contiguous().to(device)
+    elif layout != "plain":
+        raise ValueError(layout)
+    return out
 
 
 @contextlib.contextmanager
@@ -134,13 +149,19 @@ def lora_grads(model, inputs, forward_context=contextlib.nullcontext) -> dict:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def declines_besides_attention_policy(report) -> list:
+    """report.declines less the attention patterns' policy declines: off CUDA the default policy keeps every
+    attention on the stock path (nothing measured there), and explain() says so for each one."""
+    return [d for d in report.declines if "no measurement on" not in d.reason]
+
+
 def check_compiled_gradients(checkpointing: bool, options: dict | None = None, layers: int = 2, t: int = 96,
                              seeds=(1, 2, 3), dynamic: bool = False, forward_context=contextlib.nullcontext,
-                             **build_kwargs):
+                             layout: str = "plain", **build_kwargs):
     """Compile a tiny QLoRA Llama with fxfuse, backpropagate a few batches, and hold every LoRA
     gradient to the exactness criterion against the float64 twin and the stock path. Returns the
-    backend's report of that compile. `forward_context`: around the stock and compiled forwards
-    (e.g. peft_cuda_autocast); the float64 twin runs without it.
+    backend's report of that compile. `layout`: the batch's form (see `batch`). `forward_context`: around
+    the stock and compiled forwards (e.g. peft_cuda_autocast); the float64 twin runs without it.
 
     The statistic is each tensor's RMS error pooled over the batches (see fxfuse.testing for why
     whole-model gradients use RMS). One batch is too few rounding events: a path with strictly fewer
@@ -154,7 +175,7 @@ def check_compiled_gradients(checkpointing: bool, options: dict | None = None, l
     fxfuse.last_report().graphs.clear()
     ours, ref, stock = {}, {}, {}
     for seed in seeds:
-        inputs = batch(seed=seed, t=t)
+        inputs = batch(seed=seed, t=t, layout=layout)
         for acc, m, ctx in ((ref, twin, contextlib.nullcontext), (stock, model, forward_context),
                             (ours, compiled, forward_context)):
             for name, g in lora_grads(m, inputs, ctx).items():

@@ -17,8 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"_rank_r_project_kernel", "_rank_r_weight_grad_kernel", "_lora_dy_kernel", "_lora_outer_kernel",
             "_split_columns_kernel", "_dequant_4bit_words_kernel", "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel",
-            "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
-            "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+            "_rope_kernel", "_rope_qk_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_fwd_kernel",
+            "_ce_bwd_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 
 
 # The kernels behind the patterns that are on by default (rms_norm, nf4_lora, swiglu, causal_lm_loss): these

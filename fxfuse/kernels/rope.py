@@ -20,19 +20,17 @@ import triton.language as tl
 
 from .common import interpreted, round_to
 
-__all__ = ["rope_forward", "rope_backward", "MAX_HEAD_DIM"]
+__all__ = ["rope_forward", "rope_backward", "rope_qk_forward", "rope_qk_backward", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _ROWS = 16  # rows (one head of one token each) per program
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, OUT,
-                 R, H, T,
-                 sxb, sxh, sxt, scb, sct, ssb, sst,
-                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BACKWARD: tl.constexpr, SOFT_BF16: tl.constexpr):
-    pid = tl.program_id(0)
+def _rope_rows(X, COS, SIN, OUT, pid, R, H, T, sxb, sxh, sxt, scb, sct, ssb, sst,
+               HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+               BACKWARD: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Rows pid * BLOCK_R ... of one [B, H, T, D] tensor: rotated (or, BACKWARD, un-rotated) into OUT."""
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     row_mask = rows < R
@@ -51,8 +49,10 @@ def _rope_kernel(X, COS, SIN, OUT,
     s1 = tl.load(SIN + s_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + s_row[:, None] + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dt = OUT.dtype.element_ty
-    # Products of two 16-bit floats are exact in fp32: each round_to below is the one rounding
-    # the stock op makes, so no FMA contraction can change the result.
+    # Products of two 16-bit floats are exact in fp32: each round_to below is the one rounding the stock
+    # op makes. LLVM narrows round(a*b) + round(c*d) to 16-bit ops (exact) and would then contract them
+    # into one fma.rn.bf16x2, dropping a product's rounding (sm_90, Triton 3.6: an ulp off on ~20% of
+    # the elements): the launches turn FP contraction off (enable_fp_fusion=False).
     if BACKWARD:
         # x1 feeds out[..., D/2:] through sin's second half, x2 feeds out[..., :D/2] negated.
         o1 = round_to(x1 * c1, dt, SOFT_BF16).to(tl.float32) + round_to(x2 * s2, dt, SOFT_BF16).to(tl.float32)
@@ -65,6 +65,33 @@ def _rope_kernel(X, COS, SIN, OUT,
     tl.store(OUT + out_row[:, None] + HALF + cols[None, :], round_to(o2, dt, SOFT_BF16), mask=mask)
 
 
+# Sizes and strides are not specialised (Triton would otherwise compile a new kernel whenever the
+# batch or the sequence length changes whether it is 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["R", "H", "T", "sxb", "sxh", "sxt", "scb", "sct", "ssb", "sst"])
+def _rope_kernel(X, COS, SIN, OUT,
+                 R, H, T,
+                 sxb, sxh, sxt, scb, sct, ssb, sst,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BACKWARD: tl.constexpr, SOFT_BF16: tl.constexpr):
+    _rope_rows(X, COS, SIN, OUT, tl.program_id(0), R, H, T, sxb, sxh, sxt, scb, sct, ssb, sst,
+               HALF, BLOCK_HALF, BLOCK_R, BACKWARD, SOFT_BF16)
+
+
+@triton.jit(do_not_specialize=["RQ", "HQ", "RK", "HK", "T", "PQ", "sqb", "sqh", "sqt", "skb", "skh", "skt",
+                               "scb", "sct", "ssb", "sst"])
+def _rope_qk_kernel(Q, K, COS, SIN, OUT_Q, OUT_K,
+                    RQ, HQ, RK, HK, T, PQ,
+                    sqb, sqh, sqt, skb, skh, skt, scb, sct, ssb, sst,
+                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BACKWARD: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # q and k in one launch: the first PQ programs take q's rows, the rest k's (GQA: k has fewer heads).
+    pid = tl.program_id(0)
+    if pid < PQ:
+        _rope_rows(Q, COS, SIN, OUT_Q, pid, RQ, HQ, T, sqb, sqh, sqt, scb, sct, ssb, sst,
+                   HALF, BLOCK_HALF, BLOCK_R, BACKWARD, SOFT_BF16)
+    else:
+        _rope_rows(K, COS, SIN, OUT_K, pid - PQ, RK, HK, T, skb, skh, skt, scb, sct, ssb, sst,
+                   HALF, BLOCK_HALF, BLOCK_R, BACKWARD, SOFT_BF16)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -98,7 +125,7 @@ def _launch(x, cos, sin, backward: bool, out=None) -> torch.Tensor:
     grid = (triton.cdiv(rows, _ROWS),)
     _rope_kernel[grid](x, cos, sin, out, rows, h, t, x.stride(0), x.stride(1), x.stride(2), cb, cos.stride(2),
                        sb, sin.stride(2), HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_R=_ROWS,
-                       BACKWARD=backward, SOFT_BF16=interpreted())
+                       BACKWARD=backward, SOFT_BF16=interpreted(), enable_fp_fusion=False)
     return out
 
 
@@ -110,3 +137,44 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out=N
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out=None) -> torch.Tensor:
     """The gradient of rope_forward with respect to x (cos and sin are constants of the step)."""
     return _launch(dy, cos, sin, True, out)
+
+
+
+def _launch_qk(q, k, cos, sin, backward: bool, out_q=None, out_k=None):
+    _check(q, cos, sin)
+    _check(k, cos, sin)
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"rope_qk: q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share "
+                         "batch, tokens, head_dim, dtype and device")
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    out_q = out_q if out_q is not None else torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    out_k = out_k if out_k is not None else torch.empty((b, hk, t, d), dtype=k.dtype, device=k.device)
+    for name, o, x in (("out_q", out_q, q), ("out_k", out_k, k)):
+        if tuple(o.shape) != tuple(x.shape) or o.dtype != x.dtype or not o.is_contiguous():
+            raise ValueError(f"rope_qk: {name} must be a contiguous {tuple(x.shape)} {x.dtype}")
+    rq, rk = b * hq * t, b * hk * t
+    if rq + rk == 0:
+        return out_q, out_k
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    half = d // 2
+    pq = triton.cdiv(rq, _ROWS)
+    grid = (pq + triton.cdiv(rk, _ROWS),)
+    _rope_qk_kernel[grid](q, k, cos, sin, out_q, out_k, rq, hq, rk, hk, t, pq,
+                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                          cb, cos.stride(2), sb, sin.stride(2), HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+                          BLOCK_R=_ROWS, BACKWARD=backward, SOFT_BF16=interpreted(), enable_fp_fusion=False)
+    return out_q, out_k
+
+
+def rope_qk_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out_q=None,
+                    out_k=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_forward of q [B, Hq, T, D] and of k [B, Hk, T, D] with the same cos/sin, in one launch."""
+    return _launch_qk(q, k, cos, sin, False, out_q, out_k)
+
+
+def rope_qk_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out_q=None,
+                     out_k=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_backward of dq and of dk, in one launch."""
+    return _launch_qk(dq, dk, cos, sin, True, out_q, out_k)

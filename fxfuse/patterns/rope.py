@@ -1,12 +1,21 @@
-"""Pattern: HF `apply_rotary_pos_emb`'s `q * cos + rotate_half(q) * sin`, for q and for k."""
+"""Pattern: HF `apply_rotary_pos_emb`'s `q * cos + rotate_half(q) * sin`, for q and for k.
+
+cos and sin are whatever the graph computes them from (`inv_freq` and the position ids, Llama-3 rope
+scaling included: the pattern starts at the products). Its post pass pairs a layer's q and k, which
+share cos and sin, into one `rope_qk` call (one launch each way); the attention patterns' post pass
+then moves that rotation into the attention kernel where it can.
+"""
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch import fx
 
 from .. import constraints as C
 from ..kernels.rope import MAX_HEAD_DIM
-from ..matcher import Pattern
-from ..ops.rope import rope
+from ..matcher import Pattern, module_path
+from ..ops.rope import rope, rope_qk
 
 
 def rotate_half(x):
@@ -41,12 +50,41 @@ def _shapes(match):
             return f"{name} requires grad (the kernel treats cos/sin as constants)"
 
 
+def rotate_q_and_k_together(gm: fx.GraphModule) -> list[str]:
+    """Two `rope` calls of one module on the same cos and sin, both inputs available at the first of
+    them, become one `rope_qk` call."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is rope and len(n.args) == 3 and not n.kwargs:
+            groups.setdefault((n.args[1], n.args[2], module_path(n)), []).append(n)
+    lines = []
+    for (cos, sin, where), nodes in groups.items():
+        if len(nodes) != 2:
+            continue
+        first, second = nodes
+        xk = second.args[0]
+        if isinstance(xk, fx.Node) and order[xk] > order[first]:
+            continue
+        with gm.graph.inserting_before(first):
+            both = gm.graph.call_function(rope_qk, (first.args[0], xk, cos, sin))
+            outs = [gm.graph.call_function(operator.getitem, (both, i)) for i in (0, 1)]
+        both.meta.update(first.meta)
+        for old, new in zip(nodes, outs):
+            new.meta.update(old.meta)
+            old.replace_all_uses_with(new)
+            gm.graph.erase_node(old)
+        lines.append(f"rotates q and k in one launch at {where}")
+    return lines
+
+
 PATTERN = Pattern(
     name="rope",
     description="HF rotary embedding, x * cos + rotate_half(x) * sin (q and k each)",
     reference=rotary_embedding,
     replacement=rope,
     example_inputs=_examples,
+    post_pass=rotate_q_and_k_together,
     # Bit-equal to the stock code, not yet measured against Inductor's fused elementwise code.
     enabled_by_default=False,
     constraints=(
