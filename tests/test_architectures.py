@@ -52,6 +52,14 @@ ARCHS = {
 }
 
 
+def unexpected_declines(report, arch: str) -> list:
+    """The report's declines that the architecture does not explain: besides the attention policy's (see
+    qlora_llama), Gemma 2's soft-capped eager attention (a tanh between the scores and the mask) is a near
+    miss of `eager_attention`, declined with that reason."""
+    return [d for d in declines_besides_attention_policy(report)
+            if not (arch == "gemma2" and d.pattern == "eager_attention" and "(tanh)" in d.reason)]
+
+
 def _example_pattern():
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "new_architecture.py"
     spec = importlib.util.spec_from_file_location("fxfuse_example_new_architecture", path)
@@ -84,7 +92,7 @@ def check_gradients(arch: str, options=None, t: int = 48, seeds=(1, 2, 3)):
 def test_llama_like_patterns_fire_and_gradients_are_exact(arch):
     report = check_gradients(arch)
     assert report.counts() == ARCHS[arch][5], str(report)
-    assert declines_besides_attention_policy(report) == [], str(report)
+    assert unexpected_declines(report, arch) == [], str(report)
     if arch == "qwen2":  # the pattern keeps the frozen q/k/v bias of the 4-bit base layer
         assert {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj"} <= \
             set(report.where("nf4_lora")), str(report)
@@ -130,7 +138,7 @@ def test_gemma_default_patterns_and_why_rms_norm_does_not_fire(arch):
     # near miss of `rms_norm` (the two share too few ops); the pattern's anchor, an rsqrt left in the
     # graph, reports each norm with the reason instead.
     assert "rms_norm" not in rep.counts(), str(rep)
-    declines = declines_besides_attention_policy(rep)
+    declines = unexpected_declines(rep, arch)
     assert {d.pattern for d in declines} == {"rms_norm"}, str(rep)
     assert len(declines) == ARCHS[arch][6] and all("Gemma" in d.reason for d in declines), str(rep)
 
@@ -140,7 +148,7 @@ def test_gemma_with_user_norm_pattern_gradients_are_exact(arch):
     pattern = _example_pattern().GEMMA_RMS_NORM
     report = check_gradients(arch, options={"extra_patterns": [pattern]})
     assert report.counts() == {**ARCHS[arch][5], "gemma_rms_norm": ARCHS[arch][6]}, str(report)
-    assert declines_besides_attention_policy(report) == [], str(report)
+    assert unexpected_declines(report, arch) == [], str(report)
     if arch == "gemma3":
         assert {"layers.0.self_attn.q_norm", "layers.0.self_attn.k_norm"} <= set(report.where("gemma_rms_norm"))
 
