@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import operator
+import time
 
 import torch
 import torch.fx as fx
@@ -229,15 +230,19 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     graph_report.off_by_default = off_by_default
     graph_report.inner = options.get("inner", DEFAULT_INNER)
     token = _CURRENT_OPTIONS.set(options)
+    start = time.perf_counter()
     try:
         rewrite(gm, patterns, graph_report, fake_mode)
     finally:
         _CURRENT_OPTIONS.reset(token)
+    graph_report.rewrite_s = time.perf_counter() - start
     if report is not None:  # explain(): keep the process-wide record complete too
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
+    start = time.perf_counter()
     try:
         compiled = _inner_compile(gm, example_inputs, options)
+        graph_report.inner_compile_s = time.perf_counter() - start
     except BaseException:
         # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd
         # specialised a symbolic float such as eps under dynamic=True). Dynamo retraces and calls us

@@ -34,6 +34,10 @@ class GraphReport:
     off_by_default: list = field(default_factory=list)
     post_passes: list = field(default_factory=list)  # what patterns' post passes changed, one line each
     inner: str = ""
+    # Wall seconds of fxfuse's rewrite and of the inner compiler's compile (the forward graph; Inductor
+    # compiles the backward later, at the first backward), to see where a first step's time goes.
+    rewrite_s: float = 0.0
+    inner_compile_s: float = 0.0
 
     @property
     def replaced_nodes(self) -> int:
@@ -106,6 +110,10 @@ class Report:
         off = sorted({p for g in self.graphs for p in g.off_by_default})
         if off:
             lines.append("off by default (options={'enable': [...]} turns on): " + ", ".join(off))
+        if self.graphs:
+            inner = sorted({g.inner for g in self.graphs})
+            lines.append(f"compile time: fxfuse's rewrite {sum(g.rewrite_s for g in self.graphs):.1f} s, then "
+                         f"{'/'.join(inner)} {sum(g.inner_compile_s for g in self.graphs):.1f} s")
         return "\n".join(lines)
 
     __repr__ = __str__

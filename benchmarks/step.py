@@ -1,0 +1,287 @@
+"""The whole QLoRA training step, side by side: eager, Inductor, Liger Kernel, Unsloth (when installed) and
+fxfuse, each system in its own process, on the workload of ../shared/DESIGN.md.
+
+Workload: Llama-3-8B shape (hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256), random weights
+(seeded, the same for every system), NF4 with double quantization, bf16 compute, LoRA r=16 alpha=32
+dropout 0 on q,k,v,o,gate,up,down, batch 2 x 2048 random tokens, gradient checkpointing on (non-reentrant)
+or off, AdamW (lr 1e-4) on the adapters. Per system: median step time over the steps after warm-up,
+first-step time (compile included), peak memory (max_memory_allocated), tokens/s and the losses.
+
+    python benchmarks/step.py [--systems eager,inductor,liger,unsloth,fxfuse] [--layers 32] [--seq 2048]
+                              [--no-checkpointing] [--steps 12] [--warmup 3] [--json PATH] [--results-md PATH]
+    python benchmarks/step.py --plot JSON [JSON ...] --png benchmarks/results/step.png   # the chart, anywhere
+    FXFUSE_BENCH_DEVICE=cpu TRITON_INTERPRET=1 python benchmarks/step.py --layers 1 --seq 32 --steps 2 --warmup 1
+        # a tiny CPU run of the same code paths (eager and fxfuse only)
+
+The random bf16 model is written once to --tmp and each child loads it quantized (bitsandbytes' NF4 at
+load, as `from_pretrained(..., quantization_config=...)` does for users). Systems:
+  eager     HF transformers + PEFT + bitsandbytes, SDPA attention: the stock path
+  inductor  the same under torch.compile (Inductor, default options)
+  liger     Liger Kernel's Llama patches (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), eager
+  unsloth   Unsloth's FastLanguageModel on the same weights (its own checkpointing: "unsloth")
+  fxfuse    torch.compile(model, backend="fxfuse"), default options
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYSTEMS = ("eager", "inductor", "liger", "unsloth", "fxfuse")
+# Issue 6's targets for this workload with checkpointing (../shared/DESIGN.md), drawn on the chart.
+TARGETS_CKPT = {"median_step_ms": 280.0, "peak_gib": 7.0}
+DEVICE = os.environ.get("FXFUSE_BENCH_DEVICE", "cuda")  # "cpu": tiny shapes, to try the script out
+
+
+def _shapes(layers: int) -> dict:
+    if DEVICE == "cuda":
+        return {**LLAMA3_8B, "num_hidden_layers": layers}
+    from qlora_llama import CONFIG
+    return {**CONFIG, "num_hidden_layers": layers}
+
+
+def prepare(args) -> str:
+    """The random bf16 model (seed 0) in a folder the children load; reused when it is there."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = os.path.join(args.tmp, f"fxfuse-step-{DEVICE}-{args.layers}l")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**_shapes(args.layers))
+    with torch.device(DEVICE):  # random init on the GPU: minutes faster at 8B shapes
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def _load(system: str, path: str, args):
+    """(model with LoRA, in train mode) for one system."""
+    import torch
+    if system == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers; must come first)
+        from unsloth import FastLanguageModel
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                     load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                                 target_modules=TARGETS, random_state=1,
+                                                 use_gradient_checkpointing="unsloth" if args.checkpointing else False)
+        model.train()
+        return model
+    if system == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                                    cross_entropy=False)
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=DEVICE,
+                                             attn_implementation="sdpa")
+    model.config.use_cache = False
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    return model
+
+
+def _sync():
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_system(system: str, args) -> dict:
+    import torch
+    from qlora_llama import batch
+    path = prepare(args)
+    t_load = time.perf_counter()
+    model = _load(system, path, args)
+    load_s = time.perf_counter() - t_load
+    run = model
+    if system == "inductor":
+        run = torch.compile(model)
+    elif system == "fxfuse":
+        import fxfuse  # noqa: F401  (registers the backend where the package is not pip-installed)
+        run = torch.compile(model, backend="fxfuse")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs = batch(vocab=_shapes(1)["vocab_size"], b=args.batch, t=args.seq, seed=1, device=DEVICE)
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, grads = [], [], {}
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = run(**inputs).loss
+        loss.backward()
+        if i == 0:  # the first step's gradients, to compare systems: norms, and A's (zero under PEFT's B = 0)
+            with torch.no_grad():
+                for kind in ("lora_A", "lora_B"):
+                    gs = [p.grad.float() for n, p in model.named_parameters() if kind in n and p.grad is not None]
+                    grads[kind] = {"count": len(gs), "norm": float(torch.stack([g.norm() for g in gs]).norm()),
+                                   "max": max(float(g.abs().max()) for g in gs),
+                                   "nonzero": int(sum(int((g != 0).sum()) for g in gs)),
+                                   "below_adam_eps": int(sum(int(((g != 0) & (g.abs() < 1e-8)).sum()) for g in gs))}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    median = statistics.median(times[args.warmup:])
+    out = {"system": system, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+           "checkpointing": args.checkpointing, "load_s": load_s, "first_step_s": times[0],
+           "median_step_ms": 1e3 * median, "step_ms": [1e3 * t for t in times],
+           "tokens_per_s": args.batch * args.seq / median, "losses": losses, "step1_grads": grads,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else None}
+    if system == "fxfuse":
+        import fxfuse
+        out["fired"] = fxfuse.last_report().counts()
+        out["declined"] = sorted({f"{d.pattern}: {d.reason}" for d in fxfuse.last_report().declines})[:20]
+    return out
+
+
+def _child(system: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--layers", str(args.layers),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--tmp", args.tmp] + ([] if args.checkpointing else ["--no-checkpointing"])
+    env = dict(os.environ)
+    if system == "unsloth" and args.unsloth_site:
+        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"system": system, "error": f"timed out after {args.child_timeout} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["wall_s"] = time.time() - t0
+            return res
+    return {"system": system, "error": (p.stderr or p.stdout)[-1500:]}
+
+
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: list) -> str:
+    """Markdown: one row per system, ratios against eager's step time and peak."""
+    eager = next((r for r in results if r.get("system") == "eager" and "error" not in r), None)
+    lines = ["| system | median step ms | vs eager | tokens/s | peak GiB | first step s | loss step 1 / last |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['system']} | failed: {r['error'].strip().splitlines()[-1][:120]} | | | | | |")
+            continue
+        ratio = r["median_step_ms"] / eager["median_step_ms"] if eager else None
+        lines.append(f"| {r['system']} | {r['median_step_ms']:.1f} | {_fmt(ratio, '.3f')} | {r['tokens_per_s']:.0f} | "
+                     f"{_fmt(r['peak_gib'], '.2f')} | {r['first_step_s']:.1f} | {r['losses'][0]:.4f} / "
+                     f"{r['losses'][-1]:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(paths: list, png: str) -> None:
+    """A bar chart of median step time and peak memory per system, one group per JSON file (setting)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [json.load(open(p)) for p in paths]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ((axes[0], "median_step_ms", "median step (ms)", TARGETS_CKPT["median_step_ms"]),
+              (axes[1], "peak_gib", "peak memory (GiB)", TARGETS_CKPT["peak_gib"]))
+    for ax, key, label, target in panels:
+        width = 0.8 / max(1, len(runs))
+        for i, run in enumerate(runs):
+            rows = [r for r in run["results"] if "error" not in r]
+            xs = [SYSTEMS.index(r["system"]) + i * width for r in rows]
+            bars = ax.bar(xs, [r[key] or 0 for r in rows], width, label=run["setting"])
+            ax.bar_label(bars, fmt="%.0f" if key == "median_step_ms" else "%.1f", fontsize=8)
+            for j, name in enumerate(SYSTEMS):
+                if name not in {r["system"] for r in rows}:
+                    ax.text(j + i * width, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
+        if "checkpointing on" in runs[0]["setting"]:
+            ax.axhline(target, color="k", linestyle="--", linewidth=0.8)
+            ax.text(len(SYSTEMS) - 0.5, target, "target", va="bottom", ha="right", fontsize=8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SYSTEMS))], SYSTEMS)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"QLoRA training step, Llama-3-8B shape, NF4 + LoRA r=16 ({runs[0]['device']}, {runs[0]['date']})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--systems", default="eager,inductor,liger,unsloth,fxfuse")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--unsloth-site", help="a folder with the Unsloth wheels installed (it pins its own trl/datasets)")
+    ap.add_argument("--child-timeout", type=int, default=900)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "step.json"))
+    ap.add_argument("--results-md", default=None, help="append a dated section with the table here")
+    ap.add_argument("--plot", nargs="*", help="draw the chart from these JSON files and exit")
+    ap.add_argument("--png", default=os.path.join(HERE, "results", "step.png"))
+    args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return
+    if args.child:
+        print("RESULT " + json.dumps(run_system(args.child, args)), flush=True)
+        return
+    import torch
+    prepare(args)
+    results = []
+    for system in args.systems.split(","):
+        if system not in SYSTEMS:
+            raise SystemExit(f"unknown system {system!r}; one of {SYSTEMS}")
+        res = _child(system, args)
+        results.append(res)
+        if "error" in res:
+            print(f"{system}: failed: {res['error'][-600:]}", flush=True)
+        else:
+            print(f"{system}: median {res['median_step_ms']:.1f} ms, peak {_fmt(res['peak_gib'], '.2f')} GiB, first step "
+                  f"{res['first_step_s']:.1f} s, losses {[round(x, 4) for x in res['losses']]}"
+                  + (f", fired {res['fired']}" if "fired" in res else "") + f", step-1 grads {res['step1_grads']}",
+                  flush=True)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    setting = f"{args.layers} layers, {args.batch} x {args.seq}, checkpointing {'on' if args.checkpointing else 'off'}"
+    out = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "setting": setting, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(out, fh, indent=1)
+    md = table(results)
+    print(md)
+    if args.results_md:
+        with open(args.results_md, "a") as fh:
+            fh.write(f"\n## Whole step: {setting} ({out['date']}, {device}, torch {torch.__version__})\n\n"
+                     f"`python benchmarks/step.py --layers {args.layers} --seq {args.seq}"
+                     f"{'' if args.checkpointing else ' --no-checkpointing'}` (JSON {os.path.relpath(args.json)}):\n\n"
+                     f"{md}\n")
+
+
+if __name__ == "__main__":
+    main()
