@@ -81,6 +81,19 @@ def _sdpa(q, k, v, mask, causal_only):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _record(res: dict, prefix: str, ours, ref, stock) -> None:
+    """assert_exact on out, dq, dk, dv (each a 4-tuple), recorded in `res` under "<prefix>: <name>" and printed."""
+    for label, a, r, st in zip(("out", "dq", "dk", "dv"), ours, ref, stock):
+        key = f"{prefix}: {label}"
+        try:
+            res[key] = {"pass": True, **assert_exact(label, a, r, st)}
+        except ExactnessError as e:
+            res[key] = {"pass": False, "error": str(e)}
+        print(f"  {key}: {'PASS' if res[key]['pass'] else 'FAIL ' + res[key]['error']}"
+              + (f" rms {res[key]['rms']:.3e} vs stock {res[key]['stock_rms']:.3e}" if res[key]["pass"] else ""),
+              flush=True)
+
+
 def exactness(device, cases) -> dict:
     res = {}
     for name, (b, hq, hkv, s, d, kind) in cases.items():
@@ -92,16 +105,7 @@ def exactness(device, cases) -> dict:
         g_ours = torch.autograd.grad(ours, (q, k, v), dout)
         stock = _sdpa(q, k, v, mask, kind == "causal")
         g_stock = torch.autograd.grad(stock, (q, k, v), dout)
-        for label, a, r, st in (("out", ours, ref, stock), *[(n, g_ours[i], g64[i], g_stock[i])
-                                                              for i, n in enumerate(("dq", "dk", "dv"))]):
-            key = f"{name}: {label}"
-            try:
-                res[key] = {"pass": True, **assert_exact(label, a, r, st)}
-            except ExactnessError as e:
-                res[key] = {"pass": False, "error": str(e)}
-            print(f"  {key}: {'PASS' if res[key]['pass'] else 'FAIL ' + res[key]['error']}"
-                  + (f" rms {res[key]['rms']:.3e} vs stock {res[key]['stock_rms']:.3e}" if res[key]["pass"] else ""),
-                  flush=True)
+        _record(res, name, (ours, *g_ours), (ref, *g64), (stock, *g_stock))
         del ref, leaves, g64
     return res
 
@@ -147,16 +151,7 @@ def exactness_rope(device, b=2, hq=8, hkv=2, s=1000, d=128) -> dict:
     qs, ks = _hf_rope(q, k, cos, sin)
     stock = F.scaled_dot_product_attention(qs, ks, v, is_causal=True, enable_gqa=True)
     g_stock = torch.autograd.grad(stock, (q, k, v), dout)
-    for label, a, r, st in (("out", ours, ref, stock), *[(n, g_ours[i], g64[i], g_stock[i])
-                                                          for i, n in enumerate(("dq", "dk", "dv"))]):
-        key = f"rope fused causal {b}x{hq}/{hkv}x{s}x{d}: {label}"
-        try:
-            res[key] = {"pass": True, **assert_exact(label, a, r, st)}
-        except ExactnessError as e:
-            res[key] = {"pass": False, "error": str(e)}
-        print(f"  {key}: {'PASS' if res[key]['pass'] else 'FAIL ' + res[key]['error']}"
-              + (f" rms {res[key]['rms']:.3e} vs stock {res[key]['stock_rms']:.3e}" if res[key]["pass"] else ""),
-              flush=True)
+    _record(res, f"rope fused causal {b}x{hq}/{hkv}x{s}x{d}", (ours, *g_ours), (ref, *g64), (stock, *g_stock))
     return res
 
 
@@ -210,13 +205,7 @@ def exactness_additive(device, b=2, hq=8, hkv=2, s=777, d=128) -> dict:
     ours = (ours_out.detach(), *torch.autograd.grad(ours_out, (q, k, v), dout))
     ref, stock = eager(q, k, v, torch.float64), eager(q, k, v, torch.bfloat16)
     res = {}
-    for label, a, r, st in zip(("out", "dq", "dk", "dv"), ours, ref, stock):
-        key = f"eager additive mask, left-padded {b}x{hq}/{hkv}x{s}x{d}: {label}"
-        try:
-            res[key] = {"pass": True, **assert_exact(label, a, r, st)}
-        except ExactnessError as e:
-            res[key] = {"pass": False, "error": str(e)}
-        print(f"  {key}: {'PASS' if res[key]['pass'] else 'FAIL ' + res[key]['error']}", flush=True)
+    _record(res, f"eager additive mask, left-padded {b}x{hq}/{hkv}x{s}x{d}", ours, ref, stock)
     return res
 
 

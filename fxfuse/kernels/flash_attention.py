@@ -464,8 +464,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, AM, AMX, COS, SIN,
     for start_n in range(0, hi, BLOCK_N):
         k, v, valid, offs_n, n_mask = _dq_tiles(
             k_base, v_base, offs_m, m_mask, seg_q, offs_d, d_mask, sks, svs, start_n,
-                                KPM, SEG, AM, b, h, S, samb, samh, sams, samn, COS, SIN, scb, scs, ssb, sss, D,
-                                CAUSAL, HAS_KPM, HAS_SEG, HAS_MASK, MASK_ADD, ROPE, SOFT_BF16, BLOCK_N)
+            KPM, SEG, AM, b, h, S, samb, samh, sams, samn, COS, SIN, scb, scs, ssb, sss, D,
+            CAUSAL, HAS_KPM, HAS_SEG, HAS_MASK, MASK_ADD, ROPE, SOFT_BF16, BLOCK_N)
         if _any_visible(valid, HAS_MASK):
             p, dp = _dq_p_dp(q, do, lse, k, v, valid, scale, AM + b * samb + h * samh, offs_m, offs_n, m_mask,
                              n_mask, sams, samn, shift, MASK_ADD, FP32_DOT)
@@ -478,8 +478,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, AM, AMX, COS, SIN,
     for start_n in range(0, hi, BLOCK_N):
         k, v, valid, offs_n, n_mask = _dq_tiles(
             k_base, v_base, offs_m, m_mask, seg_q, offs_d, d_mask, sks, svs, start_n,
-                                KPM, SEG, AM, b, h, S, samb, samh, sams, samn, COS, SIN, scb, scs, ssb, sss, D,
-                                CAUSAL, HAS_KPM, HAS_SEG, HAS_MASK, MASK_ADD, ROPE, SOFT_BF16, BLOCK_N)
+            KPM, SEG, AM, b, h, S, samb, samh, sams, samn, COS, SIN, scb, scs, ssb, sss, D,
+            CAUSAL, HAS_KPM, HAS_SEG, HAS_MASK, MASK_ADD, ROPE, SOFT_BF16, BLOCK_N)
         if _any_visible(valid, HAS_MASK):
             p, dp = _dq_p_dp(q, do, lse, k, v, valid, scale, AM + b * samb + h * samh, offs_m, offs_n, m_mask,
                              n_mask, sams, samn, shift, MASK_ADD, FP32_DOT)
