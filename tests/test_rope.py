@@ -131,6 +131,24 @@ def test_fires_for_q_and_k_and_gradients_are_exact(checkpointing):
     assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "rope": 4, "swiglu": 2, "causal_lm_loss": 1}, str(report)
 
 
+@pytest.mark.parametrize("k_batch", [2, 1], ids=["paired", "other-batch"])
+def test_q_and_k_are_paired_into_one_launch_only_when_they_can_be(k_batch):
+    """q and k on one cos/sin go into one rope_qk call; a k the kernel cannot take with q (here another
+    batch size, broadcast against cos) keeps its own launch, and both stay bit-equal to stock."""
+    class QK(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+
+    q, cos, sin = _inputs(2, 4, 9, 32, torch.bfloat16, seed=3, cos_batch=1)
+    k = _inputs(k_batch, 2, 9, 32, torch.bfloat16, seed=4)[0]
+    rep = fxfuse.explain(QK(), q, k, cos, sin, options=ENABLE)
+    assert rep.counts() == {"rope": 2}, str(rep)
+    paired = any("in one launch" in line for line in rep.post_passes)
+    assert paired == (k_batch == 2), str(rep)
+    out = torch.compile(QK(), backend="fxfuse", options=ENABLE)(q, k, cos, sin)
+    assert torch.equal(out[0], rotary_embedding(q, cos, sin)) and torch.equal(out[1], rotary_embedding(k, cos, sin))
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
 def test_head_dims_and_llama3_rope_scaling(head_dim):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

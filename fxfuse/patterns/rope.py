@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from .. import constraints as C
+from ..canonicalize import example_value
 from ..kernels.rope import MAX_HEAD_DIM
 from ..matcher import Pattern, module_path
 from ..ops.rope import rope, rope_qk
@@ -66,6 +67,10 @@ def rotate_q_and_k_together(gm: fx.GraphModule) -> list[str]:
         xk = second.args[0]
         if isinstance(xk, fx.Node) and order[xk] > order[first]:
             continue
+        q, k = example_value(first.args[0]), example_value(xk)
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dtype == k.dtype
+                and q.shape[0] == k.shape[0] and tuple(q.shape[2:]) == tuple(k.shape[2:])):
+            continue  # rope_qk takes q and k of one batch, length, head_dim and dtype; else two launches
         with gm.graph.inserting_before(first):
             both = gm.graph.call_function(rope_qk, (first.args[0], xk, cos, sin))
             outs = [gm.graph.call_function(operator.getitem, (both, i)) for i in (0, 1)]
