@@ -36,7 +36,7 @@ def test_whole_model_gradients_are_exact(one_tile, attn, layout, layers):
 
 
 def test_gradient_checkpointing(one_tile):
-    report = check_compiled_gradients(True, WITH_ROPE, t=40, seeds=(1, 2), layers=1)
+    report = check_compiled_gradients(True, WITH_ROPE, t=40, seeds=(1,), layers=1)
     assert report.counts().get("sdpa_attention") == 1, str(report)
 
 

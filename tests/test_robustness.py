@@ -104,6 +104,27 @@ def test_recompile_limit_falls_back_to_the_stock_path_and_stays_correct():
                    _train_step(stock, o_stock, batch(seed=seed, t=t)))
 
 
+def test_varying_lengths_compile_twice_and_every_graph_keeps_the_patterns():
+    """A run whose batches vary in length (as an SFT run's do) compiles twice under torch.compile's defaults,
+    static then dynamic, whatever the next lengths are, and every length runs through a rewritten graph
+    (no silent fallback to the stock path); the losses track stock's."""
+    ours, stock = _pair()
+    compiled = torch.compile(ours, backend="fxfuse", options={"inner": "aot_eager"})
+    o_ours, o_stock = _opt(ours), _opt(stock)
+    fxfuse.last_report().graphs.clear()
+    torch._dynamo.utils.counters.clear()
+    for seed, t in enumerate((24, 17, 31, 9, 40)):
+        _close(_train_step(compiled, o_ours, batch(seed=seed, t=t)), _train_step(stock, o_stock, batch(seed=seed, t=t)))
+    graphs = fxfuse.last_report().graphs
+    assert len(graphs) == 2, [g.index for g in graphs]
+    for g in graphs:  # both the static and the dynamic graph have every default pattern in them
+        counts = {}
+        for m in g.matches:
+            counts[m.pattern] = counts.get(m.pattern, 0) + 1
+        assert counts == {"rms_norm": 5, "nf4_lora": 14, "swiglu": 2, "causal_lm_loss": 1}, counts
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
 class _NormWithCounter(torch.nn.Module):
     """An RMSNorm (the pattern fires) beside an in-place update whose result nothing reads."""
 

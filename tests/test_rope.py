@@ -127,7 +127,8 @@ def test_no_recompilation_when_batch_or_length_changes():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_fires_for_q_and_k_and_gradients_are_exact(checkpointing):
-    report = check_compiled_gradients(checkpointing, {"enable": ["rope"]})
+    # RoPE's kernels are bit-equal to stock: two short batches hold the other patterns' gradients to the bound.
+    report = check_compiled_gradients(checkpointing, {"enable": ["rope"]}, t=48, seeds=(1, 2))
     assert report.counts() == {"rms_norm": 5, "nf4_lora": 14, "rope": 4, "swiglu": 2, "causal_lm_loss": 1}, str(report)
 
 
