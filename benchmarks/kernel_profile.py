@@ -129,12 +129,55 @@ def profile(fn, warmup: int, iters: int, graph: bool = False):
     return wall, {**kernel_table(prof, iters), "timeline": timeline(prof, iters)}
 
 
+def memory_at_peak(step, top: int = 25) -> dict:
+    """What is allocated at the peak of one call of `step` (beyond what was allocated before it), from the
+    caching allocator's history: the largest blocks live at that moment, each with the source line that
+    allocated it (for Inductor's generated code, the line of its `call` that makes the buffer)."""
+    import linecache
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    step()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, peak_at = {}, 0, 0, 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+        if total > peak:
+            peak, peak_at = total, i
+    live = {}
+    for ev in trace[:peak_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+
+    def origin(ev):
+        for fr in ev.get("frames", []):
+            f = fr["filename"]
+            if "torchinductor" in f or ("/torch/" not in f and "python3" not in f and f != "??"):
+                text = linecache.getline(f, fr["line"]).strip()
+                return f"{os.path.basename(f)}:{fr['line']} {fr['name']}: {text[:110]}"
+        return "?"
+    blocks = sorted(live.values(), key=lambda ev: -ev["size"])
+    rows = [{"MiB": ev["size"] / 2 ** 20, "origin": origin(ev)} for ev in blocks[:top]]
+    print(f"\nallocated during the step, at its peak: {peak / 2 ** 30:.2f} GiB in {len(live)} blocks; the largest:")
+    for r in rows:
+        print(f"  {r['MiB']:8.1f} MiB  {r['origin']}")
+    return {"step_peak_gib": peak / 2 ** 30, "blocks": len(live), "largest": rows}
+
+
 def run_step(args) -> dict:
     import fxfuse
     from foundation import LLAMA3_8B
     from qlora_llama import batch, build
     model, _ = build(layers=args.layers, checkpointing=not args.no_ckpt, double_quant=True, device="cuda",
                      twin=False, rank=16, **LLAMA3_8B)
+    model_gib = torch.cuda.memory_allocated() / 2 ** 30
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     inputs = batch(vocab=LLAMA3_8B["vocab_size"], b=args.batch, t=args.seq, seed=1, device="cuda")
@@ -154,15 +197,36 @@ def run_step(args) -> dict:
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    compile_split = {}
+    if args.variant != "stock":  # where the first step's time went: Dynamo's phases, fxfuse's rewrite
+        from torch._dynamo.utils import compile_times
+        print(compile_times(repr="str", aggregate=True))
+        if args.variant == "fxfuse":
+            graphs = fxfuse.last_report().graphs
+            compile_split = {"rewrite_s": sum(g.rewrite_s for g in graphs),
+                             "inner_forward_s": sum(g.inner_compile_s for g in graphs)}
+            print(f"fxfuse rewrite {compile_split['rewrite_s']:.1f} s, inner compile of the forward "
+                  f"{compile_split['inner_forward_s']:.1f} s")
+            from torch._higher_order_ops import triton_kernel_wrap as wrap
+            for name in ("identify_accessed_tensors", "identify_mutated_tensors"):
+                memoized = getattr(wrap, name, None)
+                if hasattr(memoized, "fxfuse_memo"):
+                    compile_split[name] = {"analysed": len(memoized.fxfuse_memo), "memoized": memoized.hits}
+            print(f"kernel access analyses: {compile_split}")
+    steady_gib = torch.cuda.memory_allocated() / 2 ** 30
     wall, table = profile(step, warmup=2, iters=args.iters)
     table.pop("timeline")
+    memory = memory_at_peak(step) if args.memory else None
     title = f"step: {args.variant} {args.options or ''} ({args.layers} layers, {args.batch}x{args.seq}, " \
             f"ckpt {'off' if args.no_ckpt else 'on'})"
     print_table(title, wall, table)
     fired = fxfuse.last_report().counts() if args.variant == "fxfuse" else {}
-    print(f"\nfirst step {first:.1f} s; fired {fired}; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"\nfirst step {first:.1f} s; fired {fired}; memory: model {model_gib:.2f} GiB, after a step "
+          f"{steady_gib:.2f} GiB, peak {peak_gib:.2f} GiB")
     return {"what": "step", "variant": args.variant, "options": args.options, "wall_ms": wall, "first_s": first,
-            "fired": fired, **table}
+            "compile": compile_split, "fired": fired, "model_gib": model_gib, "steady_gib": steady_gib,
+            "peak_gib": peak_gib, "memory_at_peak": memory, **table}
 
 
 def run_lora(args) -> dict:
@@ -199,6 +263,7 @@ def main():
     ap.add_argument("--variant", default="fxfuse", choices=["stock", "inductor", "fxfuse"])
     ap.add_argument("--options", default=None, help="fxfuse options as JSON")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--memory", action="store_true", help="step: what is allocated at the step's peak")
     ap.add_argument("--case", default=None, help="lora: the cases whose names start with these (comma-separated)")
     ap.add_argument("--systems", default="fxfuse-compiled,stock")
     ap.add_argument("--tokens", type=int, default=4096)

@@ -111,7 +111,9 @@ def _count_nodes(gm: fx.GraphModule) -> int:
 
 def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode=None) -> None:
     """Canonicalize `gm` and apply every pattern, in every transparent subgraph, in place."""
-    canonicalize(gm)
+    notes = []
+    canonicalize(gm, notes, sdpa_causal=current_options().get("attention") != "never")
+    graph_report.post_passes.extend(f"canonical form: {line}" for line in notes)
     graph_report.total_nodes = _count_nodes(gm)
     gm.meta[TOP_LEVEL_META] = True
     for _, sub in subgraphs(gm):
@@ -162,7 +164,9 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
     # Already explained: a node, or a module (or its parent) where the pattern recorded a near miss
     # with its reason (the anchor of PEFT's q_proj lies in q_proj.base_layer), or a node within the
     # pattern's reach upstream of a declined root (a top-level module has no path to tell regions apart).
-    declined_nodes = {(d.pattern, d.node) for d in graph_report.declines}
+    # A node where any pattern declined is explained too: the attention patterns share their root, and
+    # the one whose form it is (e.g. sdpa_attention_causal_gqa) says why it did not fire.
+    declined_nodes = {d.node for d in graph_report.declines}
     declined_at = {(d.pattern, d.where) for d in graph_report.declines if d.where != "<top>"}
     by_name = {n.name: n for n in gm.graph.nodes}
 
@@ -179,7 +183,7 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
 
     def explained(pattern, node, reach):
         path = module_path(node)
-        return (pattern.name, node.name) in declined_nodes or node in reach or any(
+        return node.name in declined_nodes or node in reach or any(
             p == pattern.name and (path == w or path.startswith(w + ".")) for p, w in declined_at)
 
     for pattern in patterns:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative
+from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative, module_path  # noqa: F401
 
 __all__ = ["Pattern", "Match", "Decline", "PatternError", "find_matches", "apply_match", "module_path",
            "TOP_LEVEL_META", "OUTPUT_FIXUPS_META"]
@@ -358,16 +358,6 @@ def _match_arg(pa, ua, st: _Attempt) -> bool:
         st.fail = f"expected {pa!r}, found {ua!r}"
         return False
     return True
-
-
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "<top>"
-    path = re.sub(r"^L\['[^']+'\]\.?", "", list(stack.values())[-1][0])
-    path = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", path)
-    path = re.sub(r"^(base_model\.model\.)?(model\.)?", "", path)  # PEFT and *ForCausalLM wrappers
-    return path or "<model>"
 
 
 def find_matches(pattern: Pattern, gm: fx.GraphModule, fake_mode=None) -> tuple[list[Match], list[Decline]]:

@@ -16,6 +16,7 @@ from qlora_llama import batch, build, check_compiled_gradients
 ALWAYS = {"attention": "always"}  # off CUDA the measured policy keeps the stock path
 WITH_ROPE = {"enable": ["rope"], **ALWAYS}
 ROPE_ON_LOAD = "rotates q and k inside the attention kernel"
+CAUSAL = "sdpa_attention_causal_gqa"
 
 
 @pytest.fixture
@@ -30,19 +31,95 @@ def one_tile(monkeypatch):
                                                 ("eager", "plain", 1), ("eager", "padded", 1)])
 def test_whole_model_gradients_are_exact(one_tile, attn, layout, layers):
     report = check_compiled_gradients(False, WITH_ROPE, attn=attn, layout=layout, t=40, seeds=(1, 2), layers=layers)
-    name = "sdpa_attention" if attn == "sdpa" else "eager_attention"
+    # A plain batch's SDPA mask is proven causal: the call reaches the patterns as is_causal=True (GQA).
+    name = "eager_attention" if attn == "eager" else CAUSAL if layout == "plain" else "sdpa_attention"
     assert report.counts().get(name) == layers, str(report)
     assert sum(ROPE_ON_LOAD in line for line in report.post_passes) == layers, str(report)
 
 
 def test_gradient_checkpointing(one_tile):
     report = check_compiled_gradients(True, WITH_ROPE, t=40, seeds=(1,), layers=1)
-    assert report.counts().get("sdpa_attention") == 1, str(report)
+    assert report.counts().get(CAUSAL) == 1, str(report)
+
+
+TOLD_CAUSAL = "proven causal told is_causal=True"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_constant_causal_mask_becomes_is_causal(checkpointing):
+    """Compiling, transformers (torch < 2.14) builds the causal mask in the graph even for a batch with no
+    padding and no packing, and SDPA then runs its masked kernel on K and V repeated (3x slower on the
+    H200). The mask reads no input there: computed at compile time it is the causal mask, and the call
+    becomes transformers' uncompiled one, SDPA with is_causal=True on the un-repeated K and V (on the CPU
+    the measured policy keeps the stock kernel). With checkpointing the mask reaches each layer through
+    the checkpoint's body. Every LoRA gradient stays exact."""
+    report = check_compiled_gradients(checkpointing, None, t=24, seeds=(1,), layers=1)
+    assert sum(TOLD_CAUSAL in line for line in report.post_passes) == 1, str(report)
+    assert "sdpa_attention" not in report.counts(), str(report)
+    assert [d.pattern for d in report.declines if "attention" in d.pattern] == ["sdpa_attention_causal_gqa"], \
+        str(report)
+
+
+def test_a_mask_that_reads_inputs_keeps_it():
+    """A padded batch's mask reads attention_mask: not a constant, so the call keeps its mask."""
+    model, _ = build(layers=1)
+    report = fxfuse.explain(model, **batch(t=16, layout="padded"))
+    assert not any(TOLD_CAUSAL in line for line in report.post_passes), str(report)
+    assert "sdpa_attention_gqa" in {d.pattern for d in report.declines} or \
+        "sdpa_attention" in {d.pattern for d in report.declines}, str(report)
+
+
+def test_attention_never_leaves_the_mask():
+    model, _ = build(layers=1)
+    report = fxfuse.explain(model, **batch(t=16), options={"attention": "never"})
+    assert not any(TOLD_CAUSAL in line for line in report.post_passes), str(report)
+
+
+def test_causal_proof_computes_the_mask():
+    """The proof computes the mask's subgraph: a constant mask that is not causal (a sliding window) is not
+    taken for one, nor is a mask of a symbolic length; a causal one is, and the call is rewritten."""
+    from fxfuse.canonicalize import constant_causal_mask, sdpa_told_causal
+
+    def graph_of(fn, *args, dynamic=False):
+        graphs = []
+
+        def keep(gm, _):
+            graphs.append(gm)
+            return gm.forward
+        torch._dynamo.reset()
+        torch.compile(fn, backend=keep, dynamic=dynamic)(*args)
+        return graphs[0]
+
+    def attention(window):
+        def fn(q):
+            i = torch.arange(q.shape[-2])
+            m = i[None, :] <= i[:, None]
+            if window:
+                m = m & (i[None, :] > i[:, None] - window)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=m[None, None].expand(2, 1, -1, -1))
+        return fn
+
+    q = torch.randn(2, 2, 12, 16)
+
+    def proven(fn, dynamic=False):
+        gm = graph_of(fn, q, dynamic=dynamic)
+        sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
+        return constant_causal_mask(sdpa.kwargs["attn_mask"]), gm
+    assert not proven(attention(4))[0]
+    assert not proven(attention(None), dynamic=True)[0]
+    causal, gm = proven(attention(None))
+    assert causal
+    assert len(sdpa_told_causal(gm)) == 1
+    sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["is_causal"] and sdpa.kwargs["attn_mask"] is None
+    assert not any(n.target is torch.arange for n in gm.graph.nodes)  # the mask's subgraph is gone
+    gm.recompile()
+    torch.testing.assert_close(gm(q)[0], F.scaled_dot_product_attention(q, q, q, is_causal=True), rtol=0, atol=0)
 
 
 def test_without_rope_the_kernel_reads_rotated_q_and_k(one_tile):
     report = check_compiled_gradients(False, ALWAYS, t=40, seeds=(1,), layers=1)
-    assert report.counts().get("sdpa_attention") == 1 and "rope" not in report.counts(), str(report)
+    assert report.counts().get(CAUSAL) == 1 and "rope" not in report.counts(), str(report)
     assert not any(ROPE_ON_LOAD in line for line in report.post_passes)
 
 

@@ -79,3 +79,56 @@ def test_kernels_write_only_their_own_buffers(traced, case):
 def test_token_count_stays_symbolic(traced, case):
     for launch in traced[case]["launches"]:
         assert launch["m_symbolic"] in (None, True), f"{case}: {launch['kernel']} specialised the token count"
+
+
+def test_kernel_access_analysis_runs_once_per_kernel_and_argument_kind(monkeypatch):
+    """torch compiles a kernel to TTIR for every launch it traces, to find what the kernel writes (seconds per
+    layer of a 32-layer step); fxfuse memoizes the answer for its own kernels, keyed by what the analysis can
+    see: each tensor's dtype, every other argument's value, symbolic sizes not at all."""
+    import sympy
+    import torch
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    from fxfuse.kernels.common import memoize_access_analysis
+    from fxfuse.kernels.rms_norm import _rms_norm_fwd_kernel as ours
+
+    @triton.jit
+    def theirs(x):
+        pass
+
+    memoize_access_analysis()
+    memoized = getattr(wrap, "identify_accessed_tensors", None) or wrap.identify_mutated_tensors  # torch 2.12+ / 2.11
+    calls = []
+
+    def analysis(kernel, kwargs, tma):
+        calls.append(kernel)
+        return {"written": ["y"]}
+    monkeypatch.setattr(memoized, "original", analysis)
+    monkeypatch.setattr(memoized, "fxfuse_memo", {})
+
+    def launch(kernel=ours, tma=None, **kwargs):
+        return memoized(kernel, kwargs, tma or {})
+    bf16 = dict(dtype=torch.bfloat16)
+    first = launch(x=torch.empty(3, **bf16), n=7, eps=1e-5, ACC=triton.language.float32)
+    assert first == {"written": ["y"]} and len(calls) == 1
+    first["written"].append("x")  # a caller's edit must not reach the next caller
+    # Another shape, another symbolic size: the same analysis.
+    again = launch(x=torch.empty(5, 2, **bf16), n=7, eps=1e-5, ACC=triton.language.float32)
+    assert again == {"written": ["y"]} and len(calls) == 1
+    launch(x=torch.empty(3, **bf16), n=sympy.Symbol("s0"), eps=1e-5, ACC=triton.language.float32)
+    launch(x=torch.empty(3, **bf16), n=sympy.Symbol("s1"), eps=1e-5, ACC=triton.language.float32)
+    assert len(calls) == 2
+    # What the analysis sees differently is analysed again: a dtype, a value, a constexpr, True for 1.
+    launch(x=torch.empty(3), n=7, eps=1e-5, ACC=triton.language.float32)
+    launch(x=torch.empty(3, **bf16), n=8, eps=1e-5, ACC=triton.language.float32)
+    launch(x=torch.empty(3, **bf16), n=7, eps=1e-6, ACC=triton.language.float32)
+    launch(x=torch.empty(3, **bf16), n=7, eps=1e-5, ACC=triton.language.float64)
+    launch(x=torch.empty(3, **bf16), n=True, eps=1e-5, ACC=triton.language.float64)
+    assert len(calls) == 7
+    # Other libraries' kernels, TMA descriptors and arguments of unknown kinds: never memoized.
+    for _ in range(2):
+        launch(kernel=theirs, x=torch.empty(3))
+        launch(x=torch.empty(3, **bf16), n=7, eps=1e-5, ACC=triton.language.float32, tma={"x": ("stable", (8,))})
+        launch(x=torch.empty(3, **bf16), n=[7], eps=1e-5, ACC=triton.language.float32)
+    assert len(calls) == 13

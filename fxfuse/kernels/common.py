@@ -1,11 +1,13 @@
 """What every fxfuse Triton kernel shares: the interpreter switch and stock-exact rounding and division."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreted", "launch", "round_to", "div_rn"]
+__all__ = ["interpreted", "launch", "memoize_access_analysis", "round_to", "div_rn"]
 
 
 @triton.jit
@@ -32,6 +34,71 @@ def launch(kernel, probe: torch.Tensor):
             torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+def _access_key(value):
+    """What of a launch argument can change Inductor's read/write analysis of a kernel, or None when
+    the argument is of a kind not seen before (then nothing is cached). The analysis compiles the kernel to
+    TTIR with every tensor replaced by a 2-element one of its dtype and every symbolic size by 2, so a
+    tensor counts by its dtype, a symbolic value not at all, and any other value by itself."""
+    import sympy
+    from torch._inductor.ir import TensorBox
+    if isinstance(value, (torch.Tensor, TensorBox)):
+        return ("tensor", value.dtype)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+        return ("symbolic",)
+    try:  # ints, floats, None, tl.dtype constants: by type and value (1 and True must differ)
+        hash(value)
+    except TypeError:
+        return None
+    return (type(value).__qualname__, value)
+
+
+def memoize_access_analysis() -> None:
+    """Make Inductor's read/write analysis of fxfuse's kernels run once per kernel and argument kind.
+
+    For every launch of a user Triton kernel in a traced graph, torch compiles the kernel to TTIR to find
+    which arguments it writes (`identify_mutated_tensors` in torch 2.11, `identify_accessed_tensors`
+    from 2.12), several times per launch (functionalization, graph lowering, the IR node), and caches
+    nothing. A checkpointed 32-layer QLoRA step holds thousands of fxfuse launches, nearly all repeats of
+    a few dozen (kernel, dtypes, constants) combinations. The answer names the kernel's formal arguments,
+    not the tensors passed, so it is the same for every launch with the same key (`_access_key`).
+    Kernels of other libraries are left alone."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as wrap
+    except ImportError:
+        return
+    for name in ("identify_accessed_tensors", "identify_mutated_tensors"):
+        analysis = getattr(wrap, name, None)
+        if analysis is not None and not hasattr(analysis, "fxfuse_memo"):
+            setattr(wrap, name, _memoized(analysis))
+
+
+def _memoized(analysis):
+    """`analysis(kernel, kwargs, tma_descriptor_metadata)`, its answers for fxfuse's kernels memoized."""
+    def memoized(kernel, kwargs, tma_descriptor_metadata):
+        analyse, memo = memoized.original, memoized.fxfuse_memo
+        fn = kernel
+        while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+            fn = fn.fn
+        key = None
+        if getattr(fn, "__module__", "").startswith("fxfuse.") and not tma_descriptor_metadata:
+            args = tuple((name, _access_key(value)) for name, value in sorted(kwargs.items()))
+            if all(k is not None for _, k in args):
+                key = (fn, args)
+        if key is None:
+            return analyse(kernel, kwargs, tma_descriptor_metadata)
+        if key not in memo:
+            memo[key] = analyse(kernel, kwargs, tma_descriptor_metadata)
+        else:
+            memoized.hits += 1
+        return copy.deepcopy(memo[key])  # callers own their copy, as with the uncached analysis
+
+    memoized.original = analysis
+    memoized.fxfuse_memo = {}
+    memoized.hits = 0  # analyses saved, for benchmarks/kernel_profile.py
+    memoized.__name__ = analysis.__name__
+    return memoized
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels.common import interpreted
+from ..kernels.common import interpreted, memoize_access_analysis
 
 __all__ = ["triton_op_or_custom_op"]
 
@@ -34,6 +34,7 @@ def triton_op_or_custom_op(name: str, fake: Callable, traced: bool = True):
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fake)
         else:
+            memoize_access_analysis()  # compile time: see its docstring
             op = torch.library.triton_op(name, mutates_args=())(fn)
         return op
     return register

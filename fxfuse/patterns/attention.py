@@ -17,6 +17,10 @@ The post pass fuses RoPE in: where q and k are the two outputs of one `rope_qk` 
 post pass pairs a layer's q and k), the kernels rotate q and k as they load them, in the forward and
 the backward, and the rotated q and k are never written.
 
+A boolean mask that transformers built in the graph but that is proven causal has already become
+`is_causal=True` on the un-repeated K and V (the canonical form: fxfuse/canonicalize.py,
+`sdpa_told_causal`), so such calls reach the `sdpa_attention_causal*` patterns.
+
 Policy on CUDA: the stock SDPA there is cuDNN or FlashAttention; the pattern replaces it only where
 fxfuse's kernel was measured at least as fast (`CUDA_FASTER_FROM`, benchmarks/RESULTS.md, "Attention").
 `options={"attention": "always"}` replaces every supported call; "never" none. Off CUDA nothing was
@@ -33,7 +37,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import constraints as C
-from ..canonicalize import example_value
+from ..canonicalize import example_value, unrepeated
 from ..kernels.flash_attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 from ..matcher import Pattern, module_path
 from ..ops.attention import flash_attention
@@ -92,32 +96,6 @@ def _shape(node):
 
 def _same(a, b) -> bool:
     return statically_known_true(a == b)
-
-
-def unrepeated(node: fx.Node) -> fx.Node:
-    """The KV tensor [B, Hkv, S, D] before transformers' repeat_kv, else `node` itself.
-
-    repeat_kv(x, n) = x[:, :, None, :, :].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D): checked on
-    the recorded shapes, so it is the repeat of heads and nothing else."""
-    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape"):
-        return node
-    exp = node.args[0]
-    if not (isinstance(exp, fx.Node) and exp.op == "call_method" and exp.target == "expand"):
-        return node
-    idx = exp.args[0]
-    full = slice(None, None, None)
-    if not (isinstance(idx, fx.Node) and idx.op == "call_function" and idx.target is operator.getitem
-            and idx.args[1] == (full, full, None, full, full)):
-        return node
-    x = idx.args[0]
-    xs, es, rs = _shape(x), _shape(exp), _shape(node)
-    if xs is None or es is None or rs is None or len(xs) != 4 or len(es) != 5 or len(rs) != 4:
-        return node
-    b, h, s, d = xs
-    if not all(_same(p, q) for p, q in zip((b, h, s, d), (es[0], es[1], es[3], es[4]))) or \
-            not all(_same(p, q) for p, q in zip((b, h * es[2], s, d), rs)):
-        return node
-    return x
 
 
 def _kv(match):
