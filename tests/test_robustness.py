@@ -174,3 +174,38 @@ def test_replaced_4bit_linears_leave_no_bitsandbytes_op_behind(checkpointing):
     torch.compile(model, backend=backend)(**batch()).loss.backward()
     assert fxfuse.last_report().counts()["nf4_lora"] == 7
     assert left == [], left
+
+
+@pytest.mark.parametrize("b,t", [(2, 1), (0, 8)], ids=["one-token", "empty-batch"])
+def test_one_token_and_empty_batches_behave_as_stock(b, t):
+    """A sequence of one token (no next-token target: the loss is 0/0) and a batch of no rows go through the
+    compiled model as through the stock one: the same logits, the same loss (NaN where stock's is), the
+    same LoRA gradients present, or the same error where stock raises (an empty batch: transformers' own
+    reshape of 0 elements)."""
+    ours, stock = _pair()
+    compiled = torch.compile(ours, backend="fxfuse", options={"inner": "aot_eager"})
+    fxfuse.last_report().graphs.clear()
+    inputs = batch(b=max(b, 1), t=t)
+    inputs = {k: v[:b] for k, v in inputs.items()}
+    outs = []
+    for m in (compiled, stock):
+        try:
+            out = m(**inputs)
+        except Exception as e:  # noqa: BLE001  (compared below: stock's error must be ours)
+            outs.append(type(e))
+            continue
+        loss = out.loss
+        if torch.isfinite(loss):
+            loss.backward()
+        outs.append((out.logits.detach(), loss.detach()))
+    if isinstance(outs[1], type):
+        assert outs[0] is outs[1] or issubclass(outs[0], outs[1]), outs
+        return
+    (logits, loss), (logits_ref, loss_ref) = outs
+    assert fxfuse.last_report().counts() == {"rms_norm": 5, "nf4_lora": 14, "swiglu": 2, "causal_lm_loss": 1}
+    assert logits.shape == logits_ref.shape
+    torch.testing.assert_close(logits, logits_ref, rtol=2e-2, atol=2e-2)
+    assert loss.isnan() == loss_ref.isnan(), (loss, loss_ref)
+    for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
+        if p.requires_grad:
+            assert (p.grad is None) == (q.grad is None), name
