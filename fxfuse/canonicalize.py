@@ -33,7 +33,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["Canon", "canon", "canonicalize", "subgraphs", "example_value", "linear_4bit_info", "Linear4bitSpec"]
+__all__ = ["Canon", "canon", "canonicalize", "subgraphs", "outer_source", "example_value", "linear_4bit_info",
+           "Linear4bitSpec", "constant_causal_mask", "sdpa_told_causal", "unrepeated", "module_path"]
 
 
 @dataclass(frozen=True)
