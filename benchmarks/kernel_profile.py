@@ -159,7 +159,9 @@ def memory_at_peak(step, top: int = 25) -> dict:
     def origin(ev):
         for fr in ev.get("frames", []):
             f = fr["filename"]
-            if "torchinductor" in f or ("/torch/" not in f and "python3" not in f and f != "??"):
+            # Python frames only (the history's C++ frames name the allocator, on the H200 run of 2026-12-03
+            # every block's first frame was memory_snapshot.cpp); Inductor's generated code, or user code.
+            if f.endswith(".py") and ("torchinductor" in f or ("/torch/" not in f and "/python3" not in f)):
                 text = linecache.getline(f, fr["line"]).strip()
                 return f"{os.path.basename(f)}:{fr['line']} {fr['name']}: {text[:110]}"
         return "?"
