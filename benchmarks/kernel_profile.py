@@ -195,14 +195,26 @@ def run_step(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    profiler = None
+    if args.cprofile:  # the first step's Python time by function: which compile phase grows with the layers
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        profiler.dump_stats(args.cprofile)
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(profiler).sort_stats(key).print_stats(35)
     compile_split = {}
     if args.variant != "stock":  # where the first step's time went: Dynamo's phases, fxfuse's rewrite
         from torch._dynamo.utils import compile_times
         print(compile_times(repr="str", aggregate=True))
+        compile_split["dynamo_phases_s"] = compile_times(repr="csv", aggregate=True)
         if args.variant == "fxfuse":
             graphs = fxfuse.last_report().graphs
             compile_split = {"rewrite_s": sum(g.rewrite_s for g in graphs),
@@ -266,6 +278,7 @@ def main():
     ap.add_argument("--options", default=None, help="fxfuse options as JSON")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--memory", action="store_true", help="step: what is allocated at the step's peak")
+    ap.add_argument("--cprofile", default=None, help="step: write cProfile stats of the first step here, print the top")
     ap.add_argument("--case", default=None, help="lora: the cases whose names start with these (comma-separated)")
     ap.add_argument("--systems", default="fxfuse-compiled,stock")
     ap.add_argument("--tokens", type=int, default=4096)

@@ -5,6 +5,7 @@
 """
 from .backend import fxfuse_backend, last_report
 from .matcher import Match, Pattern, PatternError
+from .ops.library import KernelError
 from .report import Report, explain
 
 import fxfuse_autoload as _autoload
@@ -12,4 +13,4 @@ import fxfuse_autoload as _autoload
 _autoload.register()  # covers TORCH_DEVICE_BACKEND_AUTOLOAD=0: importing fxfuse is then enough
 
 __version__ = "0.1.0"
-__all__ = ["fxfuse_backend", "explain", "Report", "Pattern", "Match", "PatternError", "last_report"]
+__all__ = ["fxfuse_backend", "explain", "Report", "Pattern", "Match", "PatternError", "KernelError", "last_report"]

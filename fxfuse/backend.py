@@ -21,6 +21,7 @@ import contextvars
 import logging
 import operator
 import time
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -28,6 +29,8 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
 from .canonicalize import canon, canonicalize, subgraphs
 from .matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, apply_match, find_matches, module_path
+from .ops.library import (KernelError, describe, disable_hint, failed_kernel, is_kernel_failure, kernel_named_in,
+                          note_pattern_ops)
 from .report import MatchRecord, Report
 
 __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
@@ -124,6 +127,7 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
             graph_report.declines.extend(declines)
             for m in matches:
                 apply_match(m)
+                note_pattern_ops(pattern.name, m.ops)
                 graph_report.matches.append(MatchRecord(pattern.name, module_path(m.root), m.root.name, len(m.nodes)))
             if matches:
                 fired.append(pattern)
@@ -186,15 +190,42 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
         return node.name in declined_nodes or node in reach or any(
             p == pattern.name and (path == w or path.startswith(w + ".")) for p, w in declined_at)
 
+    fp32_graph = _computes_in_float32(gm)
+    fired = {m.pattern for m in graph_report.matches}
+    declined_kinds = {canon(by_name[d.node]).key for d in graph_report.declines
+                      if d.node in by_name and by_name[d.node].op == "call_function" and canon(by_name[d.node])}
     for pattern in patterns:
         if pattern.anchor is None:
+            # In an fp32 graph the casts the references are written with are no-ops, which the canonical form
+            # drops, so such a pattern does not even come close to matching: say why once for the graph,
+            # unless a pattern with the same root op already declined there (the attention variants).
+            root = pattern.graph().meta["fxfuse_root"].meta["fxfuse_canon"].key
+            if fp32_graph and pattern.name not in fired and root not in declined_kinds \
+                    and not any(p == pattern.name for p, _ in declined_at):
+                graph_report.declines.append(Decline(pattern.name, "<graph>", "", FLOAT32_REASON))
             continue
         keys = (pattern.anchor,) if isinstance(pattern.anchor, str) else tuple(pattern.anchor)
         reach = upstream(pattern)
         for n in gm.graph.nodes:
             c = canon(n) if n.op == "call_function" else None
             if c is not None and c.key in keys and not explained(pattern, n, reach):
-                graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, pattern.anchor_reason))
+                reason = FLOAT32_REASON if fp32_graph else pattern.anchor_reason
+                graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, reason))
+
+
+FLOAT32_REASON = ("the graph computes in torch.float32 (no bfloat16 or float16 tensor in it): fxfuse's kernels "
+                  "take bf16/fp16, so an fp32 model keeps the stock path")
+
+
+def _computes_in_float32(gm: fx.GraphModule) -> bool:
+    """Whether `gm`'s floating-point values are all float32 or float64 (an fp32 model), with at least one."""
+    dtypes = set()
+    for _, sub in subgraphs(gm):
+        for n in sub.graph.nodes:
+            v = n.meta.get("example_value")
+            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+                dtypes.add(v.dtype)
+    return bool(dtypes) and dtypes <= {torch.float32, torch.float64}
 
 
 def _inner_compile(gm, example_inputs, options):
@@ -208,12 +239,48 @@ def _inner_compile(gm, example_inputs, options):
     return compile_fx(gm, example_inputs, config_patches={**_INDUCTOR_DEFAULTS, **options.get("inductor_config", {})})
 
 
-def _with_output_fixups(compiled, fixups):
-    """`compiled` with the post passes' output fixups applied to what it returns (Pattern.post_pass)."""
+def _replaced_shapes(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """pattern name -> the distinct outputs (dtype and shape) of its replacements in `gm`."""
+    shapes: dict[str, list[str]] = {}
+    for _, sub in subgraphs(gm):
+        for n in sub.graph.nodes:
+            if "fxfuse_pattern" in n.meta:
+                seen = shapes.setdefault(n.meta["fxfuse_pattern"], [])
+                shape = describe(n.meta.get("example_value"))
+                if shape not in seen:
+                    seen.append(shape)
+    return shapes
+
+
+def _graph_kernel_error(exc: BaseException, graph_report, shapes: dict, when: str) -> KernelError:
+    """A Triton failure in a compiled graph (Inductor compiling or launching fxfuse's kernels) named
+    with the graph's patterns and the shapes of what they replaced."""
+    kernel = failed_kernel(exc) or kernel_named_in(f"{exc} {exc.__cause__}")
+    counts = Counter(m.pattern for m in graph_report.matches)
+    fired = sorted(counts)
+    listed = "; ".join(f"{p} x{counts[p]} (outputs {', '.join(shapes.get(p, [])) or '?'})" for p in fired)
+    return KernelError(
+        f"fxfuse: a Triton kernel{' ' + kernel if kernel else ''} failed {when} graph {graph_report.index}, "
+        f"where fxfuse replaced: {listed or 'nothing'}: {type(exc).__name__}: {exc} | {disable_hint(fired)}")
+
+
+def _guarded(compiled, fixups, graph_report, shapes):
+    """`compiled` with the post passes' output fixups applied to what it returns (Pattern.post_pass),
+    and a Triton failure while it runs raised as a KernelError naming the graph's patterns."""
     boxed = getattr(compiled, "_boxed_call", False)
 
     def run(*args):
-        outputs = list(compiled(*args))
+        try:
+            outputs = compiled(*args)
+        except KernelError:
+            raise
+        except Exception as exc:
+            if not is_kernel_failure(exc):
+                raise
+            raise _graph_kernel_error(exc, graph_report, shapes, "while running") from exc
+        if not fixups:
+            return outputs
+        outputs = list(outputs)
         for fix in reversed(fixups):
             fix(outputs)
         return outputs
@@ -243,20 +310,25 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     if report is not None:  # explain(): keep the process-wide record complete too
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
+    shapes = _replaced_shapes(gm) if graph_report.matches else {}
     start = time.perf_counter()
     try:
         compiled = _inner_compile(gm, example_inputs, options)
         graph_report.inner_compile_s = time.perf_counter() - start
-    except BaseException:
+    except BaseException as exc:
         # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd
         # specialised a symbolic float such as eps under dynamic=True). Dynamo retraces and calls us
         # again, so this graph must not be counted.
         for rep in (report, _LAST):
             if rep is not None and graph_report in rep.graphs:
                 rep.graphs.remove(graph_report)
+        if graph_report.matches and isinstance(exc, Exception) and not isinstance(exc, KernelError) \
+                and is_kernel_failure(exc):
+            raise _graph_kernel_error(exc, graph_report, shapes, "while compiling") from exc
         raise
-    fixups = gm.meta.get(OUTPUT_FIXUPS_META)
-    return _with_output_fixups(compiled, fixups) if fixups else compiled
+    if not graph_report.matches:
+        return compiled
+    return _guarded(compiled, gm.meta.get(OUTPUT_FIXUPS_META), graph_report, shapes)
 
 
 def _register():

@@ -48,6 +48,7 @@ class Match:
     nodes: list  # user nodes the match covers (replaced), root included
     bindings: dict  # placeholder / scalar name -> user node or constant
     node_map: dict = field(default_factory=dict)  # pattern node -> user node
+    ops: set = field(default_factory=set)  # fxfuse ops the replacement called on the fake values
 
     def user_node(self, key: str) -> fx.Node:
         """The user node matched to the (single) pattern node of canonical op `key`."""
@@ -421,6 +422,19 @@ def _call_args(m: Match) -> list:
     return [m.bindings[p] for p in m.pattern._params]
 
 
+class _FxfuseOpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the fxfuse ops a replacement calls, so that a kernel failure can name its pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fxfuse":
+            self.ops.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 def _check_replacement(m: Match, fake_mode) -> str | None:
     """Run the replacement on the fake inputs: it must produce the root's shape, dtype and device."""
     want = example_value(m.root)
@@ -434,11 +448,13 @@ def _check_replacement(m: Match, fake_mode) -> str | None:
     modes = [a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)]
     fake_mode = modes[0] if modes else fake_mode
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    seen = _FxfuseOpsSeen()
     try:
-        with ctx, torch.no_grad():
+        with ctx, torch.no_grad(), seen:
             got = m.pattern.replacement(*args)
     except Exception as e:
         return f"replacement failed on these shapes: {type(e).__name__}: {e}"
+    m.ops = seen.ops
     if not isinstance(got, torch.Tensor):
         return "replacement did not return a tensor"
     if got.dtype != want.dtype or got.device != want.device or got.dim() != want.dim() or not all(

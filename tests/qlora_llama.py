@@ -30,7 +30,8 @@ def _random_lora(model, seed):
 
 def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa", lora_dropout=0.0, device="cpu",
           twin=True, rank=8, quant_type="nf4", lora_kwargs=None, config=None, model_cls=None, targets=TARGETS,
-          norm_center=1.0, quant_storage=torch.uint8, adapter_dtype=None, **overrides):
+          norm_center=1.0, quant_storage=torch.uint8, adapter_dtype=None, dtype=torch.bfloat16,
+          **overrides):
     """Return (qlora_model, float64_twin or None), both PEFT-wrapped, in train mode, on `device`.
 
     `overrides` change the Llama config (e.g. the Llama-3-8B shapes for the GPU check). Another
@@ -38,7 +39,8 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
     drawn around `norm_center` (0 for Gemma's `1 + weight` norms). `quant_storage`: the dtype the
     packed 4-bit bytes are stored as (bf16 for FSDP). quant_type "none": no quantization (plain LoRA
     on the bf16 base). `adapter_dtype`: the LoRA weights cast to it after init, as TRL's bf16=True does
-    for a 4-bit model (its twin holds the same rounded values)."""
+    for a 4-bit model (its twin holds the same rounded values). `dtype`: the model's dtype (the base is
+    built, saved and loaded in it, and it is bitsandbytes' compute dtype): fp32 or fp16 models."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     import bitsandbytes.functional as bnbf
@@ -48,20 +50,20 @@ def build(layers=2, checkpointing=False, double_quant=True, seed=0, attn="sdpa",
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU when there is one: minutes faster at 8B shapes
-        base = model_cls(cfg).to(torch.bfloat16)
+        base = model_cls(cfg).to(dtype)
     with torch.no_grad():  # random norm weights, not the all-ones init
         for n, p in base.named_parameters():
             if "norm" in n:
                 p.copy_(norm_center + 0.1 * torch.randn_like(p))
     path = tempfile.mkdtemp(prefix="fxfuse-qlora-")
     base.save_pretrained(path)
-    if quant_type == "none":  # plain LoRA on the bf16 base
+    if quant_type == "none":  # plain LoRA on the bf16 (or `dtype`) base
         q = None
     else:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
                                bnb_4bit_quant_storage=quant_storage)
-    model = model_cls.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=device,
+    model = model_cls.from_pretrained(path, quantization_config=q, dtype=dtype, device_map=device,
                                       attn_implementation=attn)
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout, target_modules=targets,
                       **(lora_kwargs or {}))
