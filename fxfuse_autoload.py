@@ -33,10 +33,13 @@ def add_to_accelerate(module) -> None:
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Lets the normal finders load accelerate.utils.dataclasses, then patches the module."""
+    """Lets the normal finders load module `target`, then calls `patch(module)` on it."""
+
+    def __init__(self, target: str = _TARGET, patch=add_to_accelerate):
+        self.target, self.patch = target, patch
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname != self.target:
             return None
         sys.meta_path.remove(self)
         try:
@@ -55,18 +58,23 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         self._inner.exec_module(module)
         try:
-            add_to_accelerate(module)
+            self.patch(module)
         finally:
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
 
 
+def patch_after_import(target: str, patch) -> None:
+    """`patch(module)` on module `target` now if it is imported, else right after its import (once)."""
+    if target in sys.modules:
+        patch(sys.modules[target])
+    elif not any(isinstance(f, _PatchAfterImport) and f.target == target for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(target, patch))
+
+
 def register() -> None:
     """Entry point (torch.backends): never raises, so that it can never break `import torch`."""
     try:
-        if _TARGET in sys.modules:
-            add_to_accelerate(sys.modules[_TARGET])
-        elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _PatchAfterImport())
+        patch_after_import(_TARGET, add_to_accelerate)
     except Exception:  # noqa: BLE001 - an optional convenience must not break torch's import
         pass

@@ -7,7 +7,7 @@ reduce-scattered (averaged) LoRA gradient, gathered with `.full_tensor()`, is ea
 and is held to the exactness criterion against the float64 twin (pooled RMS over 3 batches, as
 qlora_llama.check_compiled_gradients does).
 
-What fires, and why `nf4_lora` does not in the stock setup: FSDP2 replaces each `Params4bit` by a plain
+What fires, and why `nf4_lora` would not with bitsandbytes as it is: FSDP2 replaces each `Params4bit` by a plain
 parameter (sharded DTensor; in forward, its all-gathered unsharded `nn.Parameter`), which has lost
 `.quant_state`. bitsandbytes' `Linear4bit.forward` then calls `fix_4bit_weight_quant_state_from_module`,
 which rebuilds a `Params4bit` around the weight in every forward; `Params4bit.__new__` assigns
@@ -18,11 +18,12 @@ stock path, and `explain` reports "a bitsandbytes 4-bit linear outside PEFT's pl
 break inside the layer". `rms_norm` fires in every layer (FSDP's hooks are `torch._dynamo.disable`d,
 so each decoder layer is its own graph; the norms are whole inside them).
 
-The `quant_state_in_place` variant checks the fix (for fxfuse or bitsandbytes to adopt): the same fix-up
+fxfuse ships the fix (`fxfuse/bitsandbytes_compat.py`, installed by `import fxfuse`): the same fix-up
 done in place, `module.weight.quant_state = module.quant_state` on the parameter FSDP2 put there, with no
 `Params4bit` rebuilt. Dynamo records the attribute store as a side effect and traces on, each LoRA layer
 is whole in one graph again, and every one fires (one recompile on the second step, once the attribute
-is there; FSDP2 keeps the same unsharded `nn.Parameter` object for the whole run).
+is there; FSDP2 keeps the same unsharded `nn.Parameter` object for the whole run). The
+`bitsandbytes_as_is` variant restores bitsandbytes' own function and shows the graph break it causes.
 """
 import os
 import tempfile
@@ -47,24 +48,6 @@ def build_fsdp_qlora(layers=LAYERS, twin=True, seed=0):
     return build(layers=layers, twin=twin, seed=seed, quant_storage=STORAGE)
 
 
-def _fix_quant_state_in_place():
-    """Replace bitsandbytes' `fix_4bit_weight_quant_state_from_module` (called at the top of
-    `Linear4bit.forward`) by an in-place version: when FSDP2's parameter has lost `quant_state`, set the
-    module's on it instead of wrapping it in a new `Params4bit` (whose `self.data = data` breaks the graph)."""
-    import bitsandbytes.nn.modules as bnb_modules
-
-    original = bnb_modules.fix_4bit_weight_quant_state_from_module
-
-    def fix_in_place(module):
-        if getattr(module.weight, "quant_state", None) is not None:
-            return
-        if getattr(module, "quant_state", None) is None:
-            return original(module)
-        module.weight.quant_state = module.quant_state
-
-    bnb_modules.fix_4bit_weight_quant_state_from_module = fix_in_place
-
-
 def _worker(rank, world, init_file, out_dir, variant):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # two processes on a shared CPU
@@ -84,8 +67,8 @@ def _worker(rank, world, init_file, out_dir, variant):
         for layer in layers:  # as accelerate's fsdp2 auto-wrap and TRL do: each decoder layer, then the root
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        if variant == "quant_state_in_place":
-            _fix_quant_state_in_place()
+        if variant == "bitsandbytes_as_is":
+            fxfuse.bitsandbytes_compat.restore()
         sharded = {n: type(p).__name__ for n, p in model.named_parameters()}
         torch._dynamo.utils.counters.clear()
         fxfuse.last_report().graphs.clear()
@@ -143,7 +126,7 @@ def _reference():
 
 
 @pytest.mark.skipif(_fsdp2_unavailable() is not None, reason=str(_fsdp2_unavailable()))
-@pytest.mark.parametrize("variant", ["stock", "quant_state_in_place"])
+@pytest.mark.parametrize("variant", ["bitsandbytes_as_is", "fxfuse"])
 def test_fsdp2_gradients_exact_and_what_fires(variant, monkeypatch):
     # Spawned workers import fxfuse by path: keep them on this checkout (not another editable install).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,12 +153,12 @@ def test_fsdp2_gradients_exact_and_what_fires(variant, monkeypatch):
         assert res["grad_types"] == ["DTensor"], res["grad_types"]
         assert counts.get("rms_norm") == 2 * LAYERS + 1, counts
         nf4_declined = [r for p, r in res["declines"] if p == "nf4_lora"]
-        if variant == "stock":
-            # Today: bitsandbytes rebuilds Params4bit in forward (FSDP2 dropped the subclass), Dynamo breaks
-            # the graph at `self.data = data`, and no LoRA layer is whole in one graph.
-            if counts.get("nf4_lora", 0) < 7 * LAYERS:
-                assert any("mutate tensor data" in r for r in res["breaks"]), res["breaks"]
-                assert any("4-bit linear outside" in r for r in nf4_declined), res["declines"]
+        if variant == "bitsandbytes_as_is":
+            # bitsandbytes' own fix-up rebuilds Params4bit in forward (FSDP2 dropped the subclass), Dynamo breaks
+            # the graph at `self.data = data`, no LoRA layer is whole in one graph, and explain says so.
+            assert counts.get("nf4_lora", 0) == 0, counts
+            assert any("mutate tensor data" in r for r in res["breaks"]), res["breaks"]
+            assert any("4-bit linear outside" in r for r in nf4_declined), res["declines"]
         else:
             assert counts.get("nf4_lora") == 7 * LAYERS and not nf4_declined, (res["step_counts"], nf4_declined)
             assert not any("mutate tensor data" in r for r in res["breaks"]), res["breaks"]
@@ -187,3 +170,35 @@ def test_fsdp2_gradients_exact_and_what_fires(variant, monkeypatch):
             ratios.append(e["rms"] / e["stock_rms"])
         print(f"    RMS error / stock RMS error over {len(ratios)} LoRA gradients: "
               f"median {sorted(ratios)[len(ratios) // 2]:.3f}, max {max(ratios):.3f}")
+
+
+def test_the_bitsandbytes_fix_up_keeps_the_parameter_and_its_state():
+    """fxfuse's in-place fix-up is installed by `import fxfuse`, leaves a Params4bit that has its state alone, and
+    gives a plain parameter (as FSDP2 leaves it) the module's quantization state without replacing it."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+
+    import fxfuse.bitsandbytes_compat as compat
+    assert bnb_modules.fix_4bit_weight_quant_state_from_module is compat.fix_quant_state_in_place
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes on CPU
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    before, weight = layer(x), layer.weight
+    assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None and weight.shape[1] == 1
+    layer(x)
+    assert layer.weight is weight  # a Params4bit with its state: untouched
+    plain = torch.nn.Parameter(weight.data.clone(), requires_grad=False)  # what FSDP2 puts there
+    layer.quant_state = weight.quant_state
+    layer.weight = plain
+    assert torch.equal(layer(x), before)
+    assert layer.weight is plain and plain.quant_state is weight.quant_state
+    compat.restore()
+    try:
+        layer.weight = torch.nn.Parameter(weight.data.clone(), requires_grad=False)
+        assert torch.equal(layer(x), before)
+        assert isinstance(layer.weight, bnb.nn.Params4bit)  # bitsandbytes' own: the parameter rebuilt
+    finally:
+        compat.install()
+    assert bnb_modules.fix_4bit_weight_quant_state_from_module is compat.fix_quant_state_in_place
