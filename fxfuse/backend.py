@@ -228,15 +228,31 @@ def _computes_in_float32(gm: fx.GraphModule) -> bool:
     return bool(dtypes) and dtypes <= {torch.float32, torch.float64}
 
 
-def _inner_compile(gm, example_inputs, options):
+def _inner_compile(gm, example_inputs, options, name_failures=None):
+    """The rest of the graph handed to the inner compiler. `name_failures(exc)`, if given, turns a Triton
+    failure while Inductor compiles the forward or (later, at the first backward) the backward into the
+    error to raise."""
     inner = options.get("inner", DEFAULT_INNER)
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches={**_INDUCTOR_DEFAULTS, **options.get("inductor_config", {})})
+    from torch._inductor import compile_fx as inductor
+    patches = {**_INDUCTOR_DEFAULTS, **options.get("inductor_config", {})}
+    if name_failures is None:
+        return inductor.compile_fx(gm, example_inputs, config_patches=patches)
+
+    def compile_inner(*args, **kwargs):
+        try:
+            return inductor.compile_fx_inner(*args, **kwargs)
+        except KernelError:
+            raise
+        except Exception as exc:
+            if not is_kernel_failure(exc):
+                raise
+            raise name_failures(exc, "backward" if kwargs.get("is_backward") else "forward") from exc
+    return inductor.compile_fx(gm, example_inputs, inner_compile=compile_inner, config_patches=patches)
 
 
 def _replaced_shapes(gm: fx.GraphModule) -> dict[str, list[str]]:
@@ -311,9 +327,12 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
     shapes = _replaced_shapes(gm) if graph_report.matches else {}
+
+    def name_failure(exc, part):
+        return _graph_kernel_error(exc, graph_report, shapes, f"while Inductor compiled the {part} of")
     start = time.perf_counter()
     try:
-        compiled = _inner_compile(gm, example_inputs, options)
+        compiled = _inner_compile(gm, example_inputs, options, name_failure if graph_report.matches else None)
         graph_report.inner_compile_s = time.perf_counter() - start
     except BaseException as exc:
         # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd

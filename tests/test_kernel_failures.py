@@ -67,7 +67,7 @@ def test_a_failure_while_the_inner_compiler_builds_kernels_names_the_graphs_patt
     """As Inductor raises when it compiles its copy of a kernel that cannot fit the device."""
     import fxfuse.backend as backend
 
-    def inner_compile(gm, example_inputs, options):
+    def inner_compile(gm, example_inputs, options, name_failures=None):
         try:
             raise OutOfResources(300_000, 232_448, "shared memory")
         except OutOfResources as e:
@@ -93,3 +93,26 @@ def test_errors_that_are_not_triton_failures_pass_through(monkeypatch):
         monkeypatch.setattr(ops_rms_norm, "rms_norm_forward", bad_forward)
     with pytest.raises(ValueError, match="an argument check"):
         _compiled()(torch.randn(4, 3, 40, dtype=torch.bfloat16))
+
+
+def test_a_failure_while_inductor_compiles_the_backward_names_the_graphs_patterns(monkeypatch):
+    """Inductor compiles the backward at the first backward, outside the forward's compile: the failure is
+    still named (as when it cannot fit its copy of a backward kernel in the device's shared memory)."""
+    from torch._inductor import compile_fx as inductor
+    real = inductor.compile_fx_inner
+
+    def compile_fx_inner(*args, **kwargs):
+        if not kwargs.get("is_backward"):
+            return real(*args, **kwargs)
+        try:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        except OutOfResources as e:
+            raise RuntimeError("No valid triton configs for _rms_norm_bwd_kernel") from e
+    monkeypatch.setattr(inductor, "compile_fx_inner", compile_fx_inner)
+    x = torch.randn(4, 3, 40, dtype=torch.bfloat16, requires_grad=True)
+    y = _compiled({"inner": "inductor"})(x)
+    with pytest.raises(fxfuse.KernelError) as info:
+        y.sum().backward()
+    text = str(info.value)
+    assert "while Inductor compiled the backward of graph" in text and "_rms_norm_bwd_kernel" in text
+    assert "rms_norm x1 (outputs bfloat16[4, 3, 40])" in text and "'disable': ['rms_norm']" in text
