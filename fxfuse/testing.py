@@ -15,14 +15,34 @@ Two error statistics are checked, each against the same statistic of the stock p
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExactnessError", "assert_exact", "check_pattern", "error_of", "float64_casts", "POISON"]
+__all__ = ["ExactnessError", "assert_exact", "check_pattern", "error_of", "float64_casts", "POISON",
+           "poisoned_empty_tensors"]
 
 # Outputs are pre-filled with this before a kernel runs, so a kernel that skips an element leaves
 # a NaN behind and `assert_exact` catches it.
 POISON = float("nan")
+
+
+@contextlib.contextmanager
+def poisoned_empty_tensors():
+    """Within it, every tensor `torch.empty` makes starts as all-ones bytes: NaN in every float dtype (also
+    when viewed as one from integer pairs), so an element a kernel leaves unwritten in a buffer its host
+    code allocated stays NaN."""
+    from unittest import mock
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.dim():
+            t.view(torch.uint8).fill_(0xFF)
+        return t
+    with mock.patch.object(torch, "empty", empty):
+        yield
 
 
 class ExactnessError(AssertionError):

@@ -19,7 +19,6 @@ over a handful of values the winner is luck, not accuracy:
 
 Sizes are kept small: the kernels run in Triton's interpreter on the CPU.
 """
-import contextlib
 import math
 import os
 from unittest import mock
@@ -39,7 +38,7 @@ from fxfuse.kernels.lora_matmul import lora_dy_grads, lora_outer, rank_r_project
 from fxfuse.kernels.rope import rope_backward, rope_forward, rope_qk_backward, rope_qk_forward  # noqa: E402
 from fxfuse.kernels.swiglu import swiglu_backward, swiglu_forward  # noqa: E402
 from fxfuse.patterns.rope import rotary_embedding  # noqa: E402
-from fxfuse.testing import POISON, assert_exact  # noqa: E402
+from fxfuse.testing import POISON, assert_exact, poisoned_empty_tensors  # noqa: E402
 
 from test_cross_entropy import DLOSS  # noqa: E402
 from test_cross_entropy import run_reference64 as ce_reference64  # noqa: E402
@@ -256,21 +255,6 @@ def test_dequantize_4bit_property(shape, dtype, out_dtype, blocksize, nested, qu
     assert torch.isnan(buf[0] if misaligned else buf[n]), "wrote outside its output"
 
 
-@contextlib.contextmanager
-def _all_ones_empty():
-    """torch.empty's tensors start as all-ones bytes (NaN in every float dtype, also when viewed as one
-    from the int pairs of the fast path): an element left unwritten stays NaN."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.dim():
-            t.view(torch.uint8).fill_(0xFF)
-        return t
-    with mock.patch.object(torch, "empty", empty):
-        yield
-
-
 @_settings(8)
 @given(rows=st.lists(st.integers(1, 12), min_size=1, max_size=3),
        cols=st.one_of(st.sampled_from([256, 512]), st.integers(1, 100)), row_pad=st.sampled_from([0, 8, 16]),
@@ -287,7 +271,7 @@ def test_dequantize_4bit_stacked_property(rows, cols, row_pad, extra_rows, dtype
     quantized = [quantize(make_weight((r, cols), dtype, seed + i), blocksize, nested, quant_type)
                  for i, r in enumerate(rows)]
     specs = [(packed, qs.absmax, nested_of(qs), (r, cols)) for (packed, qs), r in zip(quantized, rows)]
-    with _all_ones_empty():
+    with poisoned_empty_tensors():
         out = dequantize_4bit_stacked(specs, dtype, quant_type=quant_type, blocksize=blocksize, row_pad=row_pad,
                                       extra_rows=extra_rows)
     assert out.shape == (sum(rows) + extra_rows, cols + row_pad) and out.dtype == dtype

@@ -21,7 +21,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 from fxfuse.kernels.nf4 import (  # noqa: E402
     FP4_CODE, NF4_CODE, dequantize_4bit, dequantize_4bit_stacked, dequantize_nf4, dequantize_params4bit,
 )
-from fxfuse.testing import POISON  # noqa: E402
+from fxfuse.testing import POISON, poisoned_empty_tensors  # noqa: E402
 
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
@@ -332,34 +332,27 @@ def test_both_paths_agree(dtype):
 
 
 @pytest.mark.parametrize("cols", [256, 70], ids=["words", "general"])
-def test_stacked_with_padded_rows_and_extra_rows(monkeypatch, cols):
+def test_stacked_with_padded_rows_and_extra_rows(cols):
     # How the LoRA op builds a K-extended GEMM operand: two weights stacked, each row followed by
     # row_pad columns and the whole followed by extra_rows rows, all left for the caller. Rows of
     # whole words take the fast path; 70 columns, the general one. Every buffer starts as all-ones
     # bytes (NaN as bf16), so that the padding must still be NaN and each weight bit-equal.
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.dim():
-            t.view(torch.uint8).fill_(0xFF)
-        return t
-    monkeypatch.setattr(torch, "empty", empty)
-    shapes = [(40, cols), (24, cols)]
-    quantized = []
-    for i, shape in enumerate(shapes):
-        w = make_weight(shape, torch.bfloat16, _seed("stacked", cols, i))
-        quantized.append(quantize(w, 64, True))
-    specs = [(packed, qs.absmax, nested_of(qs), shape) for (packed, qs), shape in zip(quantized, shapes)]
-    out = dequantize_4bit_stacked(specs, torch.bfloat16, row_pad=16, extra_rows=8)
-    assert out.shape == (40 + 24 + 8, cols + 16)
-    row = 0
-    for (packed, qs), (n, _) in zip(quantized, shapes):
-        assert_matches_bnb(out[row:row + n, :cols].contiguous(), packed, qs, f"stacked rows {row}..")
-        row += n
-    assert torch.isnan(out[:, cols:]).all() and torch.isnan(out[row:]).all(), "padding written"
-    with pytest.raises(ValueError, match="multiple of 8"):
-        dequantize_4bit_stacked(specs, torch.bfloat16, row_pad=4)
+    with poisoned_empty_tensors():
+        shapes = [(40, cols), (24, cols)]
+        quantized = []
+        for i, shape in enumerate(shapes):
+            w = make_weight(shape, torch.bfloat16, _seed("stacked", cols, i))
+            quantized.append(quantize(w, 64, True))
+        specs = [(packed, qs.absmax, nested_of(qs), shape) for (packed, qs), shape in zip(quantized, shapes)]
+        out = dequantize_4bit_stacked(specs, torch.bfloat16, row_pad=16, extra_rows=8)
+        assert out.shape == (40 + 24 + 8, cols + 16)
+        row = 0
+        for (packed, qs), (n, _) in zip(quantized, shapes):
+            assert_matches_bnb(out[row:row + n, :cols].contiguous(), packed, qs, f"stacked rows {row}..")
+            row += n
+        assert torch.isnan(out[:, cols:]).all() and torch.isnan(out[row:]).all(), "padding written"
+        with pytest.raises(ValueError, match="multiple of 8"):
+            dequantize_4bit_stacked(specs, torch.bfloat16, row_pad=4)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
