@@ -28,7 +28,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fxfuse.kernels import cross_entropy as ce_kernels  # noqa: E402
@@ -87,7 +87,7 @@ def _rand(g, *shape, dtype=torch.float32, scale=1.0):
 # ------------------------------------------------------------------------------------------------
 
 
-@_settings(10)
+@_settings(30)
 @given(lead=st.lists(st.integers(1, 6), max_size=2), n=st.integers(1, 300), dtype=st.sampled_from(FLOATS),
        halves=st.booleans(), seed=SEEDS)
 def test_swiglu_property(lead, n, dtype, halves, seed):
@@ -289,10 +289,13 @@ def test_dequantize_4bit_stacked_property(rows, cols, row_pad, extra_rows, dtype
 RANKS = st.integers(1, 48)  # up to 32 the fused lora_dy_grads kernel, above it the two single-product kernels
 
 
-def _at_least(r, extra=64):
-    """A size whose product with r is at least MIN_VALUES, up to `extra` more."""
+@st.composite
+def _rank_and_sizes(draw, count):
+    """(r, size, ...): a LoRA rank and `count` sizes, each at least MIN_VALUES / r (up to 64 more), so that
+    every fp32 output [size, r] has at least MIN_VALUES values."""
+    r = draw(RANKS)
     least = -(-MIN_VALUES // r)
-    return st.integers(least, least + extra)
+    return (r, *(draw(st.integers(least, least + 64)) for _ in range(count)))
 
 
 def _activation(g, m, k, dtype, transposed):
@@ -300,13 +303,19 @@ def _activation(g, m, k, dtype, transposed):
     return _rand(g, k, m, dtype=dtype).t() if transposed else _rand(g, m, k, dtype=dtype)
 
 
-@_settings(8, fixture=True)
-@given(data=st.data(), dtype=st.sampled_from(HALF), r=RANKS, k=st.integers(1, 200), scale=LORA_SCALES,
+@_settings(12, fixture=True)
+# Found by this test (rank 1, K = 97, 256 rows): the max error is 2.4x the stock path's (RMS 0.85x). The kernel
+# computes exactly its documented algorithm (interpreted: 32-wide blocks of K, each an fp64 dot rounded to fp32,
+# summed in fp32), whose worst element over a few hundred is then over the bar against CPU's fp32 GEMV (PEFT's
+# rank-1 product), which is nearly correctly rounded. Random examples of rank 1 and K > 32 fail now and then too.
+@example(rm=(1, 256), k=97, dtype=torch.bfloat16, scale=1.0, p_transposed=False, q_transposed=False, copy=False,
+         seed=16).xfail(raises=AssertionError, reason="rank-1 max error over the bar (interpreted blocks of 32)")
+@given(rm=_rank_and_sizes(1), k=st.integers(1, 200), dtype=st.sampled_from(HALF), scale=LORA_SCALES,
        p_transposed=st.booleans(), q_transposed=st.booleans(), copy=st.booleans(), seed=SEEDS)
-def test_rank_r_project_property(poisoned_empty, data, dtype, r, k, scale, p_transposed, q_transposed, copy, seed):
+def test_rank_r_project_property(poisoned_empty, rm, k, dtype, scale, p_transposed, q_transposed, copy, seed):
     """rank_r_project: out[M, r] = scale * p @ q in fp32, p bf16/fp16 [M, K], q fp32 [K, r] (LoRA's A^T, a
     strided view, or contiguous), any K (split in pieces of 128 interpreted); with copy_to, p's copy."""
-    m = data.draw(_at_least(r), label="m")
+    r, m = rm
     g = torch.Generator().manual_seed(seed)
     p = _activation(g, m, k, dtype, p_transposed)
     q = _rand(g, r, k).t() if q_transposed else _rand(g, k, r)
@@ -320,13 +329,13 @@ def test_rank_r_project_property(poisoned_empty, data, dtype, r, k, scale, p_tra
         assert torch.equal(copy_to[:, :k], p) and copy_to[:, k:].isnan().all()
 
 
-@_settings(8, fixture=True)
-@given(data=st.data(), dtype=st.sampled_from(HALF), r=RANKS, m=st.integers(0, 150), scale=LORA_SCALES,
+@_settings(12, fixture=True)
+@given(rn=_rank_and_sizes(1), m=st.integers(0, 150), dtype=st.sampled_from(HALF), scale=LORA_SCALES,
        transpose=st.booleans(), p_transposed=st.booleans(), seed=SEEDS)
-def test_rank_r_weight_grad_property(poisoned_empty, data, dtype, r, m, scale, transpose, p_transposed, seed):
+def test_rank_r_weight_grad_property(poisoned_empty, rn, m, dtype, scale, transpose, p_transposed, seed):
     """rank_r_weight_grad: out[N, r] = scale * p^T @ low (or its transpose [r, N], dA's layout), summed over
     M tokens (none included: a sum over no tokens is 0) in per-program partials."""
-    n = data.draw(_at_least(r), label="n")
+    r, n = rn
     g = torch.Generator().manual_seed(seed)
     p, low = _activation(g, m, n, dtype, p_transposed), _rand(g, m, r)
     ours = rank_r_weight_grad(p, low, scale, transpose=transpose)
@@ -339,14 +348,13 @@ def test_rank_r_weight_grad_property(poisoned_empty, data, dtype, r, m, scale, t
     assert_exact("weight grad", ours, ref, stock)
 
 
-@_settings(8, fixture=True)
-@given(data=st.data(), dtype=st.sampled_from(HALF), r=RANKS, scale=LORA_SCALES, dy_transposed=st.booleans(),
+@_settings(10, fixture=True)
+@given(rmn=_rank_and_sizes(2), dtype=st.sampled_from(HALF), scale=LORA_SCALES, dy_transposed=st.booleans(),
        copy=st.booleans(), seed=SEEDS)
-def test_lora_dy_grads_property(poisoned_empty, data, dtype, r, scale, dy_transposed, copy, seed):
+def test_lora_dy_grads_property(poisoned_empty, rmn, dtype, scale, dy_transposed, copy, seed):
     """lora_dy_grads: (dxa, dB) = (scale * dy @ B, scale * dy^T @ xa) from one read of dy, rows and columns
     spread over row blocks and column splits with ragged last tiles; with copy_to (ranks up to 32), dy's copy."""
-    m = data.draw(_at_least(r), label="m")
-    n = data.draw(_at_least(r), label="n")
+    r, m, n = rmn
     g = torch.Generator().manual_seed(seed)
     dy, b, xa = _activation(g, m, n, dtype, dy_transposed), _rand(g, n, r), _rand(g, m, r)
     copy = copy and r <= 32  # documented: copy_to only with the fused kernel (rank tiles up to 32)
@@ -359,7 +367,7 @@ def test_lora_dy_grads_property(poisoned_empty, data, dtype, r, scale, dy_transp
         assert torch.equal(copy_to[:, :n], dy) and copy_to[:, n:].isnan().all()
 
 
-@_settings(8, fixture=True)
+@_settings(15, fixture=True)
 @given(m=st.integers(1, 40), groups=st.lists(st.tuples(st.integers(1, 50), st.integers(1, 16)), min_size=1,
                                              max_size=3),
        scale=st.sampled_from([0.5, 0.75, 2.0]), dtype=st.sampled_from(HALF), bias=st.booleans(), seed=SEEDS)
