@@ -191,6 +191,7 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
             p == pattern.name and (path == w or path.startswith(w + ".")) for p, w in declined_at)
 
     fp32_graph = _computes_in_float32(gm)
+    graph_keys = {c.key for n in gm.graph.nodes if n.op in ("call_function", "call_method") and (c := canon(n))}
     fired = {m.pattern for m in graph_report.matches}
     declined_kinds = {canon(by_name[d.node]).key for d in graph_report.declines
                       if d.node in by_name and by_name[d.node].op == "call_function" and canon(by_name[d.node])}
@@ -199,8 +200,8 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
             # In an fp32 graph the casts the references are written with are no-ops, which the canonical form
             # drops, so such a pattern does not even come close to matching: say why once for the graph,
             # unless a pattern with the same root op already declined there (the attention variants).
-            root = pattern.graph().meta["fxfuse_root"].meta["fxfuse_canon"].key
-            if fp32_graph and pattern.name not in fired and root not in declined_kinds \
+            if fp32_graph and pattern.name not in fired and _has_its_ops_but_casts(pattern, graph_keys) \
+                    and pattern.graph().meta["fxfuse_root"].meta["fxfuse_canon"].key not in declined_kinds \
                     and not any(p == pattern.name for p, _ in declined_at):
                 graph_report.declines.append(Decline(pattern.name, "<graph>", "", FLOAT32_REASON))
             continue
@@ -215,6 +216,14 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
 
 FLOAT32_REASON = ("the graph computes in torch.float32 (no bfloat16 or float16 tensor in it): fxfuse's kernels "
                   "take bf16/fp16, so an fp32 model keeps the stock path")
+
+
+def _has_its_ops_but_casts(pattern: Pattern, graph_keys: set) -> bool:
+    """Whether the graph has every kind of op `pattern`'s reference has, its casts apart (a place where the
+    pattern would have fired but for them), so that a graph with nothing of the kind gets no decline."""
+    keys = {c.key for n in pattern.graph().graph.nodes if n.op in ("call_function", "call_method")
+            and (c := n.meta.get("fxfuse_canon")) is not None and c.key != "to"}
+    return keys <= graph_keys
 
 
 def _computes_in_float32(gm: fx.GraphModule) -> bool:
