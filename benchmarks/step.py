@@ -227,7 +227,7 @@ def run_system(system: str, args) -> dict:
         run = torch.compile(model)
     elif system == "fxfuse":
         import fxfuse  # noqa: F401  (registers the backend where the package is not pip-installed)
-        run = torch.compile(model, backend="fxfuse")
+        run = torch.compile(model, backend="fxfuse", options=json.loads(args.fxfuse_options))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     inputs = batch(vocab=_shapes(1)["vocab_size"], b=args.batch, t=args.seq, seed=1, device=DEVICE)
@@ -268,13 +268,16 @@ def run_system(system: str, args) -> dict:
         graphs = fxfuse.last_report().graphs
         out["compile_s"] = {"rewrite": sum(g.rewrite_s for g in graphs), "inner_forward": sum(g.inner_compile_s
                                                                                             for g in graphs)}
+        out["fxfuse_options"] = json.loads(args.fxfuse_options)
+        out["regional"] = [str(g.regional) for g in graphs]
     return out
 
 
 def _child(system: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--layers", str(args.layers),
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--tmp", args.tmp] + ([] if args.checkpointing else ["--no-checkpointing"])
+           "--warmup", str(args.warmup), "--tmp", args.tmp, "--fxfuse-options", args.fxfuse_options] + (
+               [] if args.checkpointing else ["--no-checkpointing"])
     env = dict(os.environ)
     if system == "unsloth" and args.unsloth_site:
         env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
@@ -381,6 +384,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--fxfuse-options", default="{}", help="JSON: torch.compile's options= for fxfuse, e.g. "
+                    "'{\"regional\": false}' to compile each graph whole")
     ap.add_argument("--unsloth-site", help="a folder with the Unsloth wheels installed (it pins its own trl/datasets)")
     ap.add_argument("--child-timeout", type=int, default=900)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "step.json"))

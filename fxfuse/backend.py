@@ -9,6 +9,8 @@ Options (all optional):
   extra_patterns  list of `fxfuse.Pattern` objects to try after the built-in ones
   inner     how the rest of the graph runs: "inductor" (default), "aot_eager" or "eager"
   inductor_config  dict of Inductor config patches, with inner="inductor"
+  regional  compile a repeated layer once and reuse the code for its twins (default True; False
+              compiles each graph whole). `explain` says how each graph was cut, or why it was not.
               (fxfuse sets emulate_precision_casts=True unless you say otherwise: Inductor then rounds
               at every cast the model wrote, as eager does)
 
@@ -27,10 +29,11 @@ import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
-from .canonicalize import canon, canonicalize, subgraphs
+from .canonicalize import OPERANDS_META, canon, canonicalize, subgraphs
 from .matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, apply_match, find_matches, module_path
 from .ops.library import (KernelError, describe, disable_hint, failed_kernel, is_kernel_failure, kernel_named_in,
                           note_pattern_ops)
+from .regional import RegionalSummary, compile_regions
 from .report import MatchRecord, Report
 
 __all__ = ["fxfuse_backend", "validate_options", "last_report", "INNER_COMPILERS"]
@@ -41,7 +44,8 @@ INNER_COMPILERS = ("eager", "aot_eager", "inductor")
 DEFAULT_INNER = "inductor"
 # Eager's rounding at every explicit cast (`.to(bfloat16)`), kept under Inductor's fusion.
 _INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
-_OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config", "attention"}
+_OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config", "attention",
+                "regional"}
 # The options of the graph being rewritten, for constraints that depend on them (current_options()).
 _CURRENT_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("fxfuse_options", default={})
 
@@ -91,6 +95,8 @@ def validate_options(options) -> dict:
         raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
     if "inductor_config" in options and not isinstance(options["inductor_config"], dict):
         raise TypeError("option 'inductor_config' must be a dict")
+    if not isinstance(options.get("regional", True), bool):
+        raise TypeError(f"option 'regional' must be True or False, got {options['regional']!r}")
     from .patterns.attention import ATTENTION_POLICIES
     if options.get("attention", "measured") not in ATTENTION_POLICIES:
         raise ValueError(f"option 'attention' must be one of {ATTENTION_POLICIES}, got {options['attention']!r}")
@@ -336,12 +342,23 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
         _LAST.graphs.append(graph_report)
     log.info("fxfuse graph %d: %s", graph_report.index, {m.pattern for m in graph_report.matches})
     shapes = _replaced_shapes(gm) if graph_report.matches else {}
+    # The HOP bodies' links to the outer graph (set by `subgraphs`) served the rewrite; they would make
+    # the graph cyclic for the compile caches' pickler (AOTAutograd's keys a regional piece by its graph).
+    for _, sub in list(subgraphs(gm)):
+        sub.meta.pop(OPERANDS_META, None)
 
     def name_failure(exc, part):
         return _graph_kernel_error(exc, graph_report, shapes, f"while Inductor compiled the {part} of")
     start = time.perf_counter()
     try:
-        compiled = _inner_compile(gm, example_inputs, options, name_failure if graph_report.matches else None)
+        compiled = None
+        name_failures = name_failure if graph_report.matches else None
+        if options.get("regional", True) and graph_report.inner != "eager":
+            graph_report.regional = RegionalSummary()
+            compiled = compile_regions(gm, example_inputs, lambda piece, args: _inner_compile(
+                piece, args, options, name_failures), fake_mode, graph_report.regional)
+        if compiled is None:
+            compiled = _inner_compile(gm, example_inputs, options, name_failures)
         graph_report.inner_compile_s = time.perf_counter() - start
     except BaseException as exc:
         # The graph is discarded: a failure, or Dynamo restarting its analysis (e.g. AOTAutograd

@@ -38,6 +38,7 @@ class GraphReport:
     # compiles the backward later, at the first backward), to see where a first step's time goes.
     rewrite_s: float = 0.0
     inner_compile_s: float = 0.0
+    regional: object = None  # fxfuse.regional.RegionalSummary: how the graph was cut for compiling, or why not
 
     @property
     def replaced_nodes(self) -> int:
@@ -112,6 +113,9 @@ class Report:
             lines.append("off by default (options={'enable': [...]} turns on): " + ", ".join(off))
         if self.graphs:
             inner = sorted({g.inner for g in self.graphs})
+            for g in self.graphs:
+                if g.regional is not None:
+                    lines.append(f"regional compilation, graph {g.index}: {g.regional}")
             lines.append(f"compile time: fxfuse's rewrite {sum(g.rewrite_s for g in self.graphs):.1f} s, then "
                          f"{'/'.join(inner)} {sum(g.inner_compile_s for g in self.graphs):.1f} s")
         return "\n".join(lines)

@@ -186,6 +186,10 @@ def group_shared_input(gm: fx.GraphModule) -> list[str]:
                     args[0][0], col(1), col(2), col(3), col(4), col(5), col(6), col(7), bias, args[0][8],
                     args[0][9], sizes, args[0][11], args[0][12], args[0][13]))
                 pieces = graph.call_function(torch.split, (grouped, sizes), {"dim": -1})
+                # The group sits where its members were (regional compilation cuts the graph by module path).
+                for made in (bias, grouped, pieces):
+                    if made is not None:
+                        made.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
                 for i, n in enumerate(chunk):
                     piece = graph.call_function(operator.getitem, (pieces, i))
                     piece.meta.update(n.meta)

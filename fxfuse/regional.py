@@ -1,0 +1,313 @@
+"""Regional compilation: a repeated layer is compiled once, and its twins run that compiled code.
+
+A decoder's graph is one layer N times over (a 32-layer Llama: 32 copies of the same ops on other
+weights). Compiled whole, AOTAutograd's tracing and partitioning and Inductor's code generation grow
+with N, although the code generated for layer 7 is the code for layer 3. Here the rewritten graph is
+cut at layer boundaries (the module paths Dynamo records: `layers.3.self_attn...`), each piece is
+reduced to a signature, and a piece whose signature was compiled already reuses that compiled code,
+forward and backward. The graph that calls the pieces runs as FX-generated Python, which frees each
+value after its last use.
+
+Why reuse is exact: Dynamo lifts parameters to graph inputs, so a piece is a function of its inputs
+alone, and the signature covers every operation, constant and wire of it, and each input's dtype,
+shape, strides, storage offset, device, requires_grad and aliasing. Two pieces with one signature are
+the same function of the same kind of inputs.
+
+The graph is compiled whole instead (and the report says why) where cutting it could change what
+runs: no two layers alike, layers whose nodes interleave, a node that changes global state (grad mode,
+autocast) at the top level, a value crossing a cut that is not a tensor or a number, or Dynamo's
+DDPOptimizer, which has cut the graph already and expects one compiled function per piece of its own.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .canonicalize import module_path
+
+__all__ = ["layer_of", "plan", "compile_regions", "RegionalSummary"]
+
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+# Calls that change global state the next piece would see. Grad mode and autocast are followed through
+# the graph (a `torch.no_grad()` region, e.g. the rotary embedding's, is set and restored within one
+# piece): a cut is only made where both are as at the graph's entry. The others keep a graph whole.
+_GRAD_MODE = "_set_grad_enabled"
+_AUTOCAST = {"_enter_autocast": 1, "_exit_autocast": -1}
+_OTHER_GLOBAL_STATE = {"set_autocast_enabled", "_set_autocast_enabled", "set_grad_enabled",
+                       "_set_fwd_grad_enabled", "_enter_dual_level", "_exit_dual_level",
+                       "_set_deterministic_algorithms"}
+
+
+def layer_of(node: fx.Node) -> str | None:
+    """The repeated module a node belongs to (`layers.3`: the first indexed component of its module
+    path), or None outside any."""
+    m = _LAYER.match(module_path(node))
+    return m.group(1) if m else None
+
+
+@dataclass
+class Piece:
+    layer: str | None  # None: the nodes before, between or after the layers
+    nodes: list
+    inputs: list = field(default_factory=list)  # nodes computed elsewhere, in order of first use
+    outputs: list = field(default_factory=list)  # its nodes used elsewhere, in graph order
+
+
+@dataclass
+class RegionalSummary:
+    """What regional compilation did with one graph (GraphReport.regional)."""
+    pieces: int = 0
+    layers: int = 0
+    compiled: int = 0  # distinct pieces compiled: the rest reused one of them
+    reason: str = ""  # why the graph was compiled whole ("" when it was cut)
+
+    def __str__(self) -> str:
+        if self.reason:
+            return f"compiled whole: {self.reason}"
+        return (f"{self.layers} layers in {self.pieces} pieces, {self.compiled} compiled "
+                f"(each repeated layer once)")
+
+
+def _is_module_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "get_attr" and isinstance(_fetch(gm, node.target), torch.nn.Module)
+
+
+def _fetch(gm: torch.nn.Module, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def plan(gm: fx.GraphModule) -> list[Piece] | str:
+    """Cut `gm`'s graph into pieces, one per layer plus the stretches between; or say why not."""
+    # Tensor attributes stay with the calling graph and reach the pieces as inputs (a constant baked
+    # into compiled code would be layer 3's in layer 7); HOP bodies go into the piece that calls them.
+    nodes = [n for n in gm.graph.nodes
+             if n.op not in ("placeholder", "output") and (n.op != "get_attr" or _is_module_attr(gm, n))]
+    # Whether grad mode and autocast are as at entry after each node (where a cut may follow it).
+    entry = torch.is_grad_enabled()  # Dynamo guards the graph on the grad mode it was traced in
+    grad, depth, at_entry_state = entry, 0, []
+    for n in nodes:
+        if n.op == "call_module":
+            return f"the graph calls module {n.target} (not a lifted Dynamo graph)"
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name in _OTHER_GLOBAL_STATE:
+            return f"node {n.name} changes global state ({name})"
+        if name == _GRAD_MODE:
+            if not isinstance(n.args[0], bool):
+                return f"node {n.name} sets a grad mode not known before it runs"
+            grad = n.args[0]
+        depth += _AUTOCAST.get(name, 0)
+        at_entry_state.append(grad == entry and depth == 0)
+    spans: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        key = layer_of(n)
+        if key is not None:
+            spans.setdefault(key, [i, i])[1] = i
+    if len(spans) < 2:
+        return "fewer than two layers"
+    ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
+    for (a, (_, last)), (b, (first, _)) in zip(ordered, ordered[1:]):
+        if first <= last:
+            return f"the nodes of {a} and {b} interleave"
+    pieces, cursor = [], 0
+    for key, (first, last) in ordered:
+        if first > cursor:
+            pieces.append(Piece(None, nodes[cursor:first]))
+        pieces.append(Piece(key, nodes[first:last + 1]))
+        cursor = last + 1
+    if cursor < len(nodes):
+        pieces.append(Piece(None, nodes[cursor:]))
+    for p in pieces[:-1]:
+        if not at_entry_state[nodes.index(p.nodes[-1])]:
+            return (f"grad mode or autocast is changed across the cut after node {p.nodes[-1].name} "
+                    f"({p.layer or 'between layers'})")
+    owner = {n: i for i, p in enumerate(pieces) for n in p.nodes}
+    for i, p in enumerate(pieces):
+        seen = {}
+        for n in p.nodes:
+            for a in n.all_input_nodes:
+                if owner.get(a) != i:
+                    seen.setdefault(a, None)
+        p.inputs = list(seen)
+        p.outputs = [n for n in p.nodes if any(owner.get(u) != i for u in n.users)]
+    return pieces
+
+
+def _piece_module(gm: fx.GraphModule, piece: Piece) -> fx.GraphModule:
+    graph = fx.Graph()
+    env, attrs = {}, {}
+    for k, a in enumerate(piece.inputs):
+        env[a] = graph.placeholder(f"arg{k}")
+    for n in piece.nodes:
+        env[n] = graph.node_copy(n, lambda x: env[x])
+        if n.op == "get_attr":
+            attrs[n.target] = _fetch(gm, n.target)
+    graph.output(tuple(env[o] for o in piece.outputs))
+    return fx.GraphModule(attrs, graph)
+
+
+def _sym(x):
+    return str(x.node.expr) if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) else x
+
+
+def _value_key(v, storages: dict) -> tuple:
+    """What compiled code may assume about one input."""
+    if isinstance(v, torch.Tensor):
+        alias = storages.setdefault(StorageWeakRef(v.untyped_storage()), len(storages))
+        return ("tensor", type(v), v.dtype, v.layout, v.device, v.requires_grad, tuple(map(_sym, v.shape)),
+                tuple(map(_sym, v.stride())), _sym(v.storage_offset()), alias)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", type(v), _sym(v))
+    return ("const", type(v), repr(v))
+
+
+def _arg_key(a, index: dict):
+    if isinstance(a, fx.Node):
+        return ("node", index[a])
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__,) + tuple(_arg_key(x, index) for x in a)
+    if isinstance(a, dict):
+        return ("dict",) + tuple((k, _arg_key(v, index)) for k, v in a.items())
+    if isinstance(a, slice):
+        return ("slice", _arg_key(a.start, index), _arg_key(a.stop, index), _arg_key(a.step, index))
+    if a is None or isinstance(a, (bool, int, str)):
+        return (type(a).__name__, a)
+    if isinstance(a, float):
+        return ("float", repr(a))  # tells 0.0 from -0.0, and nan equals nan
+    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return (type(a).__name__, str(a))
+    return ("object", id(a))  # anything else: equal only to itself
+
+
+def _graph_key(gm: fx.GraphModule) -> tuple:
+    index, items = {}, []
+    for n in gm.graph.nodes:
+        index[n] = len(index)
+        if n.op == "get_attr":
+            attr = _fetch(gm, n.target)
+            items.append(("get_attr", _graph_key(attr) if isinstance(attr, fx.GraphModule) else id(attr)))
+        elif n.op == "call_module":
+            items.append(("call_module", id(_fetch(gm, n.target))))
+        else:
+            target = n.target if n.op in ("call_function", "call_method") else None
+            items.append((n.op, target, _arg_key(n.args, index), _arg_key(n.kwargs, index)))
+    return tuple(items)
+
+
+def signature(module: fx.GraphModule, args: list) -> tuple:
+    """Equal for two pieces exactly when one's compiled code is correct for the other."""
+    storages: dict = {}
+    return (_graph_key(module), tuple(_value_key(a, storages) for a in args))
+
+
+class _Compiled(torch.nn.Module):
+    """A compiled piece as the calling graph's submodule (it returns a tuple, as compile_fx wants)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        # Called as Dynamo calls a backend's function (AOTAutograd's forward copies its inner
+        # function's `_boxed_call` mark, but takes its arguments unboxed).
+        return self.fn(*args)
+
+
+def _fake(v, fake_mode):
+    """`v` as the fake value AOTAutograd would trace with (Dynamo hands the backend real tensors and
+    keeps how it fakified each, symbolic sizes included, on the tracing context)."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, torch._subclasses.FakeTensor):
+        return v if v.fake_mode is fake_mode else fake_mode.from_tensor(v)
+    ctx = torch._guards.TracingContext.try_get()
+    symbolic = ctx.tensor_to_context.get(v) if ctx is not None else None
+    return fake_mode.from_tensor(v, symbolic_context=symbolic, source=getattr(symbolic, "tensor_source", None))
+
+
+def _crossing_ok(v) -> bool:
+    return isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Callable, fake_mode,
+                    summary: RegionalSummary):
+    """`gm` cut into pieces, each distinct piece compiled once with `compile_piece(module, args)`, and
+    the callable running them; None (with `summary.reason`) where the graph should be compiled whole."""
+    ctx = torch._guards.TracingContext.try_get()
+    if fake_mode is None:
+        summary.reason = "no fake inputs to compile pieces with"
+        return None
+    if ctx is not None and (getattr(ctx, "ddp_optimizer_ctx", None) is not None or ctx.fakify_first_call):
+        summary.reason = "DDPOptimizer cut the graph already"
+        return None
+    pieces = plan(gm)
+    if isinstance(pieces, str):
+        summary.reason = pieces
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        summary.reason = "the example inputs do not match the graph's placeholders"
+        return None
+    env: dict = {p: _fake(x, fake_mode) for p, x in zip(placeholders, example_inputs)}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not _is_module_attr(gm, n):
+            value = _fetch(gm, n.target)
+            env[n] = _fake(value, fake_mode)
+    # Run the pieces on fake values first: each one's inputs (strides, requires_grad) come from the
+    # pieces before it, and no compile starts unless reuse pays.
+    modules, keys = [], []
+    for p in pieces:
+        module = _piece_module(gm, p)
+        args = [env[a] for a in p.inputs]
+        if not all(_crossing_ok(a) for a in args):
+            summary.reason = "a value that is not a tensor or a number crosses a layer boundary"
+            return None
+        keys.append(signature(module, args))
+        try:
+            with fake_mode:
+                outs = module(*args)
+        except Exception as exc:  # Dynamo ran these nodes on fake values; if a piece cannot, keep it whole
+            summary.reason = f"piece {len(modules)} did not run on fake values ({type(exc).__name__}: {exc})"
+            return None
+        env.update(zip(p.outputs, outs))
+        modules.append((module, args))
+    layer_keys = [k for k, p in zip(keys, pieces) if p.layer is not None]
+    if len(set(layer_keys)) == len(layer_keys):
+        summary.reason = "no two layers alike"
+        return None
+    compiled: dict = {}
+    for key, (module, args) in zip(keys, modules):
+        if key not in compiled:
+            # Each compile in a tracing context of its own, as if Dynamo had handed over the piece as
+            # a graph: AOTAutograd keeps a piece's metadata there for compiling its backward later.
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                compiled[key] = _Compiled(compile_piece(module, args))
+    summary.pieces, summary.layers, summary.compiled = len(pieces), len(layer_keys), len(compiled)
+    return _calling_graph(gm, pieces, [compiled[k] for k in keys])
+
+
+def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Compiled]) -> fx.GraphModule:
+    graph = fx.Graph()
+    env, root = {}, {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or (n.op == "get_attr" and not _is_module_attr(gm, n)):
+            env[n] = graph.node_copy(n, lambda x: env[x])
+            if n.op == "get_attr":
+                root[n.target] = _fetch(gm, n.target)
+    for i, (p, fn) in enumerate(zip(pieces, compiled)):
+        name = f"piece{i}"
+        root[name] = fn
+        call = graph.call_module(name, tuple(env[a] for a in p.inputs))
+        for j, o in enumerate(p.outputs):
+            env[o] = graph.call_function(operator.getitem, (call, j))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph.output(fx.map_arg(out.args[0], lambda x: env[x]))
+    return fx.GraphModule(root, graph)

@@ -1,0 +1,161 @@
+"""Regional compilation (fxfuse/regional.py): the graph is cut at layer boundaries, each distinct piece is
+compiled once, and the result is the result of compiling the graph whole, bit for bit."""
+import functools
+
+import pytest
+import torch
+import torch.fx as fx
+
+import fxfuse
+from fxfuse.regional import plan, signature
+from torch._dynamo.utils import counters
+
+from qlora_llama import batch, build
+
+
+def _run(model, inputs, options):
+    """Loss, logits and every LoRA gradient of one step through fxfuse, and the report."""
+    report = fxfuse.Report()
+    backend = functools.partial(fxfuse.fxfuse_backend, options=options, report=report)
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, backend=backend)(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach(), grads, report
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[2].keys() == b[2].keys() and len(a[2]) > 0
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name]), name
+
+
+def _regional(report):
+    cut = [g.regional for g in report.graphs if g.regional is not None and not g.regional.reason]
+    assert len(cut) == 1, str(report)
+    return cut[0]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_layers_compiled_once_and_results_bit_equal(checkpointing):
+    model, _ = build(layers=3, checkpointing=checkpointing, twin=False)
+    model.enable_input_require_grads()  # every layer's input then requires grad: the three layers are alike
+    inputs = batch(seed=1, t=19)
+    whole = _run(model, inputs, {"inner": "aot_eager", "regional": False})
+    assert all(g.regional is None for g in whole[3].graphs)
+
+    before = counters["aot_autograd"]["total"]
+    cut = _run(model, inputs, {"inner": "aot_eager"})
+    summary = _regional(cut[3])
+    assert (summary.layers, summary.compiled) == (3, summary.pieces - 2)  # before, one layer, after
+    whole_graphs = sum(1 for g in cut[3].graphs if g.regional.reason)
+    assert counters["aot_autograd"]["total"] - before == summary.compiled + whole_graphs
+    assert cut[3].counts() == whole[3].counts()  # the rewrite is the same: only the compile is cut
+    _assert_same(whole, cut)
+    assert "3 layers in" in str(cut[3])
+
+
+def test_a_layer_whose_input_needs_no_grad_is_compiled_apart():
+    # Without enable_input_require_grads the first layer's input (the frozen embedding's output) needs no
+    # gradient: compiled code for the other layers would compute one, so it gets its own.
+    model, _ = build(layers=3, twin=False)
+    inputs = batch(seed=2, t=13)
+    whole = _run(model, inputs, {"inner": "aot_eager", "regional": False})
+    cut = _run(model, inputs, {"inner": "aot_eager"})
+    summary = _regional(cut[3])
+    assert summary.layers == 3 and summary.compiled == summary.pieces - 1
+    _assert_same(whole, cut)
+
+
+def test_inductor_regional_equals_inductor_whole():
+    """The default inner compiler: each distinct piece compiled in a tracing context of its own, the
+    backward compiled lazily per piece and shared by the layers that reuse it."""
+    model, _ = build(layers=3, checkpointing=True, twin=False)
+    model.enable_input_require_grads()
+    inputs = batch(seed=3, t=21)
+    whole = _run(model, inputs, {"regional": False})
+    cut = _run(model, inputs, {})
+    assert _regional(cut[3]).layers == 3
+    _assert_same(whole, cut)
+
+
+def test_dynamic_shapes_regional():
+    """Symbolic sizes cross the cuts; the second length runs the same compiled pieces."""
+    model, _ = build(layers=2, twin=False)
+    model.enable_input_require_grads()
+    results = {}
+    for regional in (False, True):
+        torch._dynamo.reset()
+        report = fxfuse.Report()
+        backend = functools.partial(fxfuse.fxfuse_backend, options={"inner": "aot_eager", "regional": regional},
+                                    report=report)
+        compiled = torch.compile(model, backend=backend, dynamic=True)
+        results[regional] = [compiled(**batch(seed=4, t=11)).logits]
+        n_graphs = len(report.graphs)
+        results[regional].append(compiled(**batch(seed=5, t=23)).logits)
+        assert len(report.graphs) == n_graphs  # no recompile
+    assert _regional(report).layers == 2
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+
+
+# The plan, on small hand-made graphs: module paths as Dynamo records them.
+def _graph(layer_paths, extra=None):
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w = g.placeholder("w")
+    for i, path in enumerate(layer_paths):
+        x = g.call_function(torch.mul, (x, w))
+        x.meta["nn_module_stack"] = {"m": (f"L['self'].{path}", torch.nn.Module)} if path else {}
+        if extra is not None and i == extra[0]:
+            for arg in extra[2:] or (False,):
+                s = g.call_function(extra[1], (arg,))
+                s.meta["nn_module_stack"] = x.meta["nn_module_stack"]
+    g.output((x,))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_plan_cuts_before_between_and_after_layers():
+    gm = _graph(["embed", "layers.0.mlp", "layers.0", "layers.1.mlp", "layers.1", "norm"])
+    pieces = plan(gm)
+    assert [p.layer for p in pieces] == [None, "layers.0", "layers.1", None]
+    assert [len(p.nodes) for p in pieces] == [1, 2, 2, 1]
+    assert [[a.name for a in p.inputs] for p in pieces] == [["x", "w"], ["mul", "w"], ["mul_2", "w"], ["mul_4", "w"]]
+    assert [[o.name for o in p.outputs] for p in pieces] == [["mul"], ["mul_2"], ["mul_4"], ["mul_5"]]
+
+
+@pytest.mark.parametrize("paths, extra, reason", [
+    (["layers.0", "norm"], None, "fewer than two layers"),
+    (["layers.0", "layers.1", "layers.0"], None, "interleave"),
+    (["layers.0", "layers.1"], (0, torch._C._set_grad_enabled), "changed across the cut after node"),
+    (["layers.0", "layers.1"], (0, torch._C._set_fwd_grad_enabled), "changes global state"),
+])
+def test_plan_says_why_a_graph_stays_whole(paths, extra, reason):
+    assert reason in plan(_graph(paths, extra))
+
+
+def test_a_grad_mode_region_within_a_piece_is_cut_around():
+    # torch.no_grad() set and restored inside the first layer, as the rotary embedding does before them
+    pieces = plan(_graph(["layers.0", "layers.1"], (0, torch._C._set_grad_enabled, False, True)))
+    assert [p.layer for p in pieces] == ["layers.0", "layers.1"]
+
+
+def test_signature_tells_inputs_apart():
+    gm = _graph(["layers.0", "layers.0"])
+    x = torch.randn(4, 6)
+    same = signature(gm, [torch.randn(4, 6), x])
+    assert signature(gm, [torch.randn(4, 6), torch.randn(4, 6)]) == same
+    for other in ([torch.randn(6, 4).t(), x],  # strides
+                  [torch.randn(4, 6, requires_grad=True), x],
+                  [torch.randn(4, 6, dtype=torch.float64), x],
+                  [torch.randn(4, 7)[:, :6], x],  # strides again, a view
+                  [x, x]):  # the two inputs alias
+        assert signature(gm, other) != same
+    other_graph = _graph(["layers.0", "layers.0", "layers.0"])
+    assert signature(other_graph, [torch.randn(4, 6), x]) != same
+
+
+def test_regional_option_is_checked():
+    with pytest.raises(TypeError, match="regional"):
+        fxfuse.backend.validate_options({"regional": "yes"})
