@@ -11,6 +11,7 @@ the float64 system run, each system's per-step relative deviation of its loss fr
 
     python benchmarks/step.py [--systems eager,inductor,liger,unsloth,fxfuse,float64] [--layers 32] [--seq 2048]
                               [--no-checkpointing] [--steps 12] [--warmup 3] [--json PATH] [--results-md PATH]
+                              [--fxfuse-options '{"regional": false}']   # fxfuse's options= (JSON)
     python benchmarks/step.py --systems eager,fxfuse,float64 --steps 17 --warmup 3
         # the loss over the first 20 steps (warm-up included) held to the float64 reference
     python benchmarks/step.py --plot JSON [JSON ...] --png benchmarks/results/step.png   # the chart, anywhere
@@ -269,6 +270,9 @@ def run_system(system: str, args) -> dict:
         out["compile_s"] = {"rewrite": sum(g.rewrite_s for g in graphs), "inner_forward": sum(g.inner_compile_s
                                                                                             for g in graphs)}
         out["fxfuse_options"] = json.loads(args.fxfuse_options)
+        from torch._dynamo.utils import compile_times  # the first step's compile by phase (seconds, summed)
+        names, values = compile_times(repr="csv", aggregate=True)
+        out["dynamo_phases_s"] = {n: float(v) for n, v in zip(names, values)}
         out["regional"] = [str(g.regional) for g in graphs]
     return out
 
