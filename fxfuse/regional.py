@@ -13,10 +13,11 @@ alone, and the signature covers every operation, constant and wire of it, and ea
 shape, strides, storage offset, device, requires_grad and aliasing. Two pieces with one signature are
 the same function of the same kind of inputs.
 
-The graph is compiled whole instead (and the report says why) where cutting it could change what
-runs: no two layers alike, layers whose nodes interleave, a node that changes global state (grad mode,
-autocast) at the top level, a value crossing a cut that is not a tensor or a number, or Dynamo's
-DDPOptimizer, which has cut the graph already and expects one compiled function per piece of its own.
+The graph is compiled whole instead (and the report says why) where the cut would not pay (fewer than
+MIN_REUSES layers reusing another's code) or could change what runs: layers whose nodes interleave, grad mode or autocast changed across a cut,
+other global state set in the graph, a piece mutating in place a value another piece computed, a value
+crossing a cut that is not a tensor or a number, or Dynamo's DDPOptimizer, which has cut the graph
+already and expects one compiled function per piece of its own.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .canonicalize import module_path
+from .canonicalize import _in_place, module_path
 
 __all__ = ["layer_of", "plan", "compile_regions", "RegionalSummary"]
 
 _LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+# Layers that must reuse another's compiled code for the cut to be made: each piece is a compile of its
+# own (AOTAutograd, Inductor, and on CPU a C++ build), so a 2-layer model compiles faster whole.
+MIN_REUSES = 2
 # Calls that change global state the next piece would see. Grad mode and autocast are followed through
 # the graph (a `torch.no_grad()` region, e.g. the rotary embedding's, is set and restored within one
 # piece): a cut is only made where both are as at the graph's entry. The others keep a graph whole.
@@ -138,7 +142,31 @@ def plan(gm: fx.GraphModule) -> list[Piece] | str:
                     seen.setdefault(a, None)
         p.inputs = list(seen)
         p.outputs = [n for n in p.nodes if any(owner.get(u) != i for u in n.users)]
+        # Compiled whole, AOTAutograd functionalizes such a mutation; across a cut it would change a tensor
+        # the piece that made it may have saved for its backward.
+        for n in p.nodes:
+            base = _view_base(n.args[0], owner, i) if _in_place(n) and n.args else None
+            if base is not None and owner.get(base) is not None:
+                return f"node {n.name} mutates in place {base.name}, computed in another piece"
     return pieces
+
+
+# Ops whose output may share the first argument's memory (a mutation through them reaches it).
+_VIEWS = {"view", "reshape", "transpose", "permute", "select", "narrow", "expand", "unsqueeze", "squeeze", "t",
+          "as_strided", "split", "chunk", "unbind", "flatten", "unflatten", "view_as", "expand_as", "getitem",
+          "__getitem__", "diagonal", "movedim", "swapaxes", "contiguous", "detach", "alias"}
+
+
+def _view_base(arg, owner: dict, piece: int):
+    """The node outside piece `piece` that `arg` is (a view of), else None."""
+    while isinstance(arg, fx.Node):
+        if owner.get(arg) != piece:
+            return arg
+        name = arg.target if arg.op == "call_method" else getattr(arg.target, "__name__", "")
+        if arg.op not in ("call_method", "call_function") or name not in _VIEWS or not arg.args:
+            return None
+        arg = arg.args[0]
+    return None
 
 
 def _piece_module(gm: fx.GraphModule, piece: Piece) -> fx.GraphModule:
@@ -280,8 +308,10 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
         env.update(zip(p.outputs, outs))
         modules.append((module, args))
     layer_keys = [k for k, p in zip(keys, pieces) if p.layer is not None]
-    if len(set(layer_keys)) == len(layer_keys):
-        summary.reason = "no two layers alike"
+    reuses = len(layer_keys) - len(set(layer_keys))
+    if reuses < MIN_REUSES:
+        summary.reason = (f"{reuses} layer(s) would reuse another's compiled code; the cut pays for its extra "
+                          f"compiles (before and after the layers) from {MIN_REUSES}")
         return None
     compiled: dict = {}
     for key, (module, args) in zip(keys, modules):

@@ -7,10 +7,18 @@ import torch
 import torch.fx as fx
 
 import fxfuse
+from fxfuse import regional
 from fxfuse.regional import plan, signature
 from torch._dynamo.utils import counters
 
 from qlora_llama import batch, build
+
+
+@pytest.fixture(autouse=True)
+def _cut_small_models(monkeypatch):
+    # Two- and three-layer models, cut as a 32-layer one is (by default a model is cut only where two
+    # layers or more reuse code: test_small_models_are_compiled_whole).
+    monkeypatch.setattr(regional, "MIN_REUSES", 1)
 
 
 def _run(model, inputs, options):
@@ -66,6 +74,16 @@ def test_a_layer_whose_input_needs_no_grad_is_compiled_apart():
     summary = _regional(cut[3])
     assert summary.layers == 3 and summary.compiled == summary.pieces - 1
     _assert_same(whole, cut)
+
+
+def test_small_models_are_compiled_whole(monkeypatch):
+    monkeypatch.setattr(regional, "MIN_REUSES", 2)
+    model, _ = build(layers=2, twin=False)
+    model.enable_input_require_grads()
+    report = _run(model, batch(seed=6, t=9), {"inner": "aot_eager"})[3]
+    reasons = [g.regional.reason for g in report.graphs]
+    assert any("1 layer(s) would reuse another's compiled code" in r for r in reasons), reasons
+    assert all(r for r in reasons)
 
 
 def test_inductor_regional_equals_inductor_whole():
@@ -139,6 +157,23 @@ def test_a_grad_mode_region_within_a_piece_is_cut_around():
     # torch.no_grad() set and restored inside the first layer, as the rotary embedding does before them
     pieces = plan(_graph(["layers.0", "layers.1"], (0, torch._C._set_grad_enabled, False, True)))
     assert [p.layer for p in pieces] == ["layers.0", "layers.1"]
+
+
+def test_a_mutation_across_a_cut_keeps_the_graph_whole():
+    gm = _graph(["layers.0", "layers.1"])
+    x = next(n for n in gm.graph.nodes if n.name == "mul")  # layer 0's output
+    w = next(n for n in gm.graph.nodes if n.name == "w")
+    later = next(n for n in gm.graph.nodes if n.name == "mul_1")
+    with gm.graph.inserting_before(later):
+        view = gm.graph.call_method("view", (x, -1))
+        add_ = gm.graph.call_method("add_", (view, 1.0))
+    for made in (view, add_):
+        made.meta["nn_module_stack"] = later.meta["nn_module_stack"]
+    assert "mutates in place mul, computed in another piece" in plan(gm)
+    gm.graph.erase_node(add_)
+    with gm.graph.inserting_before(later):  # a graph input: AOTAutograd applies it after the piece, as whole
+        gm.graph.call_method("add_", (w, 1.0)).meta["nn_module_stack"] = later.meta["nn_module_stack"]
+    assert not isinstance(plan(gm), str)
 
 
 def test_signature_tells_inputs_apart():
