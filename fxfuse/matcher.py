@@ -97,6 +97,8 @@ class Pattern:
                  appends to `gm.meta[OUTPUT_FIXUPS_META]` a function `(outputs: list) -> None` that
                  the backend applies to the compiled graph's outputs at run time (latest first), in
                  place, giving the caller back the outputs the graph had (e.g. dropping ones it added).
+                 Nodes it makes should carry the `nn_module_stack` meta of the nodes they replace:
+                 explain() and regional compilation's cuts between layers read where a node is from it.
     anchor:      optional canonical op key, or tuple of keys (e.g. "linear_4bit"), that every region
                  this pattern targets contains. An anchor op left in the graph after rewriting, which no decline
                  already explains, is reported as declined with `anchor_reason`: forms the pattern
