@@ -9,10 +9,10 @@ Options (all optional):
   extra_patterns  list of `fxfuse.Pattern` objects to try after the built-in ones
   inner     how the rest of the graph runs: "inductor" (default), "aot_eager" or "eager"
   inductor_config  dict of Inductor config patches, with inner="inductor"
-  regional  compile a repeated layer once and reuse the code for its twins (default True; False
-              compiles each graph whole). `explain` says how each graph was cut, or why it was not.
               (fxfuse sets emulate_precision_casts=True unless you say otherwise: Inductor then rounds
               at every cast the model wrote, as eager does)
+  regional  compile a repeated layer once and reuse the code for its twins (default True; False
+              compiles each graph whole). `explain` says how each graph was cut, or why it was not.
 
 The default inner compiler is Inductor: measured faster and leaner than eager on the QLoRA step
 (benchmarks/RESULTS.md, "Foundation").

@@ -519,6 +519,15 @@ def module_path(node: fx.Node) -> str:
     return path or "<model>"
 
 
+def place_like(node: fx.Node, *made) -> None:
+    """Give the nodes a rewrite `made` the place `node` has in the user's modules (its module path and stack
+    trace): explain() and regional compilation's cuts between layers read where a node is from them."""
+    where = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    for m in made:
+        if m is not None:
+            m.meta.update(where)
+
+
 _IN_PLACE_OPERATORS = {operator.iadd, operator.iand, operator.ior, operator.ixor, operator.isub, operator.imul,
                        operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.ilshift,
                        operator.irshift, operator.imatmul}

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative, module_path  # noqa: F401
+from .canonicalize import Canon, canon, canonicalize, example_value, is_commutative, module_path, place_like  # noqa: F401
 
 __all__ = ["Pattern", "Match", "Decline", "PatternError", "find_matches", "apply_match", "module_path",
            "TOP_LEVEL_META", "OUTPUT_FIXUPS_META"]
@@ -97,7 +97,7 @@ class Pattern:
                  appends to `gm.meta[OUTPUT_FIXUPS_META]` a function `(outputs: list) -> None` that
                  the backend applies to the compiled graph's outputs at run time (latest first), in
                  place, giving the caller back the outputs the graph had (e.g. dropping ones it added).
-                 Nodes it makes should carry the `nn_module_stack` meta of the nodes they replace:
+                 Nodes it makes take the place of what they replace (`canonicalize.place_like`):
                  explain() and regional compilation's cuts between layers read where a node is from it.
     anchor:      optional canonical op key, or tuple of keys (e.g. "linear_4bit"), that every region
                  this pattern targets contains. An anchor op left in the graph after rewriting, which no decline
@@ -472,7 +472,7 @@ def apply_match(m: Match) -> None:
     graph = m.graph_module.graph
     with graph.inserting_before(m.root):
         new = graph.call_function(m.pattern.replacement, tuple(_call_args(m)))
-    new.meta.update({k: v for k, v in m.root.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    place_like(m.root, new)
     new.meta["example_value"] = m.bindings.pop("__fake_out__")
     new.meta["fxfuse_pattern"] = m.pattern.name
     m.root.replace_all_uses_with(new)

@@ -37,7 +37,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import constraints as C
-from ..canonicalize import example_value, unrepeated
+from ..canonicalize import example_value, place_like, unrepeated
 from ..kernels.flash_attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 from ..matcher import Pattern, module_path
 from ..ops.attention import flash_attention
@@ -235,8 +235,7 @@ def rope_on_load(gm: fx.GraphModule) -> list[str]:
             sin3 = gm.graph.call_method("select", (sin, 1, 0))
             fused = gm.graph.call_function(fused_attention, (xq, xk) + tuple(n.args[2:]), {"cos": cos3, "sin": sin3})
         fused.meta.update(n.meta)
-        for made in (cos3, sin3):  # where the attention was (regional compilation cuts by module path)
-            made.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        place_like(n, cos3, sin3)
         n.replace_all_uses_with(fused)
         gm.graph.erase_node(n)
         lines.append(f"rotates q and k inside the attention kernel at {module_path(fused)} (never written)")

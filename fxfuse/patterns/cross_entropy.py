@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from .. import constraints as C
-from ..canonicalize import example_value, op_key
+from ..canonicalize import example_value, op_key, place_like
 from ..matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Pattern, module_path
 from ..ops.cross_entropy import (attach_logits_grad, causal_lm_cross_entropy, fused_linear_cross_entropy,
                                  lm_head_causal_lm_loss)
@@ -152,7 +152,7 @@ def fuse_lm_head(gm: fx.GraphModule) -> list[str]:
                 loss = gm.graph.call_function(operator.getitem, (fused, 0))
                 logits = gm.graph.call_function(operator.getitem, (fused, 1))
                 hidden_fp32 = gm.graph.call_function(operator.getitem, (fused, 2))
-            fused.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            place_like(n, fused)
             fused.meta["example_value"] = (example_value(n), example_value(linear),
                                            example_value(hidden).to(torch.float32))
             loss.meta.update(n.meta)

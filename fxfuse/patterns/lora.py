@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from .. import constraints as C
-from ..canonicalize import example_value, linear_4bit_info
+from ..canonicalize import example_value, linear_4bit_info, place_like
 from ..matcher import Pattern, module_path
 from ..ops.nf4_lora import MAX_GROUP_RANK, lora_linear_group, nf4_lora_linear
 from .markers import linear_4bit
@@ -186,10 +186,7 @@ def group_shared_input(gm: fx.GraphModule) -> list[str]:
                     args[0][0], col(1), col(2), col(3), col(4), col(5), col(6), col(7), bias, args[0][8],
                     args[0][9], sizes, args[0][11], args[0][12], args[0][13]))
                 pieces = graph.call_function(torch.split, (grouped, sizes), {"dim": -1})
-                # The group sits where its members were (regional compilation cuts the graph by module path).
-                for made in (bias, grouped, pieces):
-                    if made is not None:
-                        made.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
+                place_like(first, bias, grouped, pieces)
                 for i, n in enumerate(chunk):
                     piece = graph.call_function(operator.getitem, (pieces, i))
                     piece.meta.update(n.meta)
