@@ -176,6 +176,20 @@ def test_a_mutation_across_a_cut_keeps_the_graph_whole():
     assert not isinstance(plan(gm), str)
 
 
+def test_ddp_optimizer_pieces_are_not_cut_again():
+    # DDPOptimizer calls the backend once per bucket and expects one AOTAutograd compile per call.
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake_mode = FakeTensorMode()
+    ctx = TracingContext(fake_mode)
+    ctx.ddp_optimizer_ctx = object()
+    summary = regional.RegionalSummary()
+    with tracing(ctx):
+        got = regional.compile_regions(_graph(["layers.0", "layers.1", "layers.2"]), [torch.randn(2), torch.randn(2)],
+                                       lambda *a: pytest.fail("compiled a piece"), fake_mode, summary)
+    assert got is None and "DDPOptimizer" in summary.reason
+
+
 def test_signature_tells_inputs_apart():
     gm = _graph(["layers.0", "layers.0"])
     x = torch.randn(4, 6)
