@@ -276,6 +276,12 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
     if ctx is not None and (getattr(ctx, "ddp_optimizer_ctx", None) is not None or ctx.fakify_first_call):
         summary.reason = "DDPOptimizer cut the graph already"
         return None
+    # Running the pieces on fake values can specialize a symbolic size to the example's (a guard Dynamo then
+    # installs: a recompile per length); until that is found and avoided, a graph with symbolic sizes is whole.
+    if any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs):
+        summary.reason = "symbolic sizes (a graph compiled for any length)"
+        return None
     pieces = plan(gm)
     if isinstance(pieces, str):
         summary.reason = pieces
