@@ -286,6 +286,11 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
     if isinstance(pieces, str):
         summary.reason = pieces
         return None
+    n_layers = sum(1 for p in pieces if p.layer is not None)
+    if n_layers - 1 < MIN_REUSES:  # cannot pay even if all layers were alike: spare the fake run
+        summary.reason = (f"{n_layers - 1} layer(s) would reuse another's compiled code at most; the cut pays for "
+                          f"its extra compiles (before and after the layers) from {MIN_REUSES}")
+        return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         summary.reason = "the example inputs do not match the graph's placeholders"
