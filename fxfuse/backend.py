@@ -13,6 +13,8 @@ Options (all optional):
               at every cast the model wrote, as eager does)
   regional  compile a repeated layer once and reuse the code for its twins (default True; False
               compiles each graph whole). `explain` says how each graph was cut, or why it was not.
+  offload_layer_inputs  with regional compilation on CUDA, keep the inputs each layer saves for its
+              backward in pinned host memory until then (default True)
 
 The default inner compiler is Inductor: measured faster and leaner than eager on the QLoRA step
 (benchmarks/RESULTS.md, "Foundation").
@@ -45,7 +47,7 @@ DEFAULT_INNER = "inductor"
 # Eager's rounding at every explicit cast (`.to(bfloat16)`), kept under Inductor's fusion.
 _INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
 _OPTION_KEYS = {"patterns", "enable", "disable", "extra_patterns", "inner", "inductor_config", "attention",
-                "regional"}
+                "regional", "offload_layer_inputs"}
 # The options of the graph being rewritten, for constraints that depend on them (current_options()).
 _CURRENT_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("fxfuse_options", default={})
 
@@ -95,8 +97,9 @@ def validate_options(options) -> dict:
         raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
     if "inductor_config" in options and not isinstance(options["inductor_config"], dict):
         raise TypeError("option 'inductor_config' must be a dict")
-    if not isinstance(options.get("regional", True), bool):
-        raise TypeError(f"option 'regional' must be True or False, got {options['regional']!r}")
+    for key in ("regional", "offload_layer_inputs"):
+        if not isinstance(options.get(key, True), bool):
+            raise TypeError(f"option {key!r} must be True or False, got {options[key]!r}")
     from .patterns.attention import ATTENTION_POLICIES
     if options.get("attention", "measured") not in ATTENTION_POLICIES:
         raise ValueError(f"option 'attention' must be one of {ATTENTION_POLICIES}, got {options['attention']!r}")
@@ -356,7 +359,8 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
         if options.get("regional", True) and graph_report.inner != "eager":
             graph_report.regional = RegionalSummary()
             compiled = compile_regions(gm, example_inputs, lambda piece, args: _inner_compile(
-                piece, args, options, name_failures), fake_mode, graph_report.regional)
+                piece, args, options, name_failures), fake_mode, graph_report.regional,
+                offload=options.get("offload_layer_inputs", True))
         if compiled is None:
             compiled = _inner_compile(gm, example_inputs, options, name_failures)
         graph_report.inner_compile_s = time.perf_counter() - start

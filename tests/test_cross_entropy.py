@@ -420,7 +420,7 @@ def test_lm_head_loss_exact(dtype, weight_grad, logits_grad):
         loss64, _, dh64, dw64 = run_stock_lm_head(hidden.double(), weight.double(), labels, items,
                                                   None if tangent is None else tangent.double(), torch.float64)
         loss_s, logits_s, dh_s, dw_s = run_stock_lm_head(hidden, weight, labels, items, tangent)
-        # The logits are the stock lm_head's, bit for bit: the same GEMM.
+        # The logits are the stock lm_head's, bit for bit: the same product, a block of rows at a time.
         assert logits.shape == (b, t, v) and torch.equal(logits.detach(), logits_s)
         assert_exact(f"loss ({reduction})", loss, loss64, loss_s)
         assert h.grad.dtype == dtype
@@ -437,6 +437,22 @@ def test_attaching_logits_of_a_trained_lm_head_is_refused():
     _, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, torch.randint(0, 40, (4,)))
     with pytest.raises(ValueError, match="lm_head weight requires grad"):
         attach_logits_grad(logits, hidden_fp32, weight)
+
+
+def test_lm_head_loss_does_not_keep_the_logits_for_its_backward():
+    # A training loop drops the output right away (loss = model(...).loss): the logits must go then,
+    # not live on in the autograd graph until the backward.
+    from torch.multiprocessing.reductions import StorageWeakRef
+    hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = 0.2 * torch.randn(50, 16, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (18,))
+    loss, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, labels, chunk_rows=4)
+    logits = attach_logits_grad(logits, hidden_fp32, weight)
+    storage = StorageWeakRef(logits.untyped_storage())
+    del logits, hidden_fp32
+    assert storage.expired()
+    loss.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
 
 
 def test_lm_head_loss_chunking_does_not_change_dhidden():
@@ -481,11 +497,11 @@ def test_ops_opcheck():
                               (dloss, hidden.detach(), weight.detach(), labels, lse.detach(), IGNORE, 4,
                                need_dhidden, need_dweight))
     torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy.default, (hidden, weight, labels, IGNORE, 4))
-    logits, rows, lse, _ = torch.ops.fxfuse.lm_head_cross_entropy(hidden, weight, labels, IGNORE, 4)
+    rows, lse = torch.ops.fxfuse.lm_head_cross_entropy(hidden, weight, labels, IGNORE, 4)[1:3]
     dhidden_fp32 = torch.randn(6, 16)
     for need_dhidden, need_dweight in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy_backward.default,
-                              (dloss, dhidden_fp32, hidden.detach(), weight.detach(), logits.detach(), labels,
+                              (dloss, dhidden_fp32, hidden.detach(), weight.detach(), labels,
                                lse.detach(), IGNORE, 4, need_dhidden, need_dweight))
 
 

@@ -203,3 +203,53 @@ def test_signature_tells_inputs_apart():
 def test_regional_option_is_checked():
     with pytest.raises(TypeError, match="regional"):
         fxfuse.backend.validate_options({"regional": "yes"})
+    with pytest.raises(TypeError, match="offload_layer_inputs"):
+        fxfuse.backend.validate_options({"offload_layer_inputs": 1})
+
+
+def test_nothing_is_offloaded_off_cuda():
+    model, _ = build(layers=2, checkpointing=True, twin=False)
+    model.enable_input_require_grads()
+    summary = _regional(_run(model, batch(seed=7, t=9), {"inner": "aot_eager"})[3])
+    assert summary.offload is None and "host memory" not in str(summary)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host memory, streams)")
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+def test_layer_inputs_offloaded_to_host_and_back_bit_for_bit(monkeypatch, checkpointing):
+    """Each layer's saved input goes to pinned host memory in the forward and comes back for the backward
+    (ahead of time, on a side stream): the results are those without offloading, bit for bit, and the
+    device holds none of the layers' inputs between the forward and the backward."""
+    layers, t, hidden = 4, 256, 512
+    model, _ = build(layers=layers, checkpointing=checkpointing, twin=False, device="cuda", hidden_size=hidden,
+                     intermediate_size=1024)
+    model.enable_input_require_grads()
+    inputs = batch(seed=8, t=t, device="cuda")
+    input_bytes = 2 * t * hidden * 2  # one layer's input, bf16
+    monkeypatch.setattr(regional, "OFFLOAD_MIN_BYTES", input_bytes)
+    kept = _run(model, inputs, {"inner": "aot_eager", "offload_layer_inputs": False})
+    assert _regional(kept[3]).offload is None
+    moved = _run(model, inputs, {"inner": "aot_eager"})
+    _assert_same(kept, moved)
+    offload = _regional(moved[3]).offload
+    assert offload.tensors == layers and offload.bytes == layers * input_bytes, str(offload)
+
+    def allocated_after_forward(options):
+        report = fxfuse.Report()
+        compiled = torch.compile(model, backend=functools.partial(fxfuse.fxfuse_backend, options=options,
+                                                                  report=report))
+        for _ in range(2):  # the second call: compiled, nothing left of the first
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            loss = compiled(**inputs).loss
+            torch.cuda.synchronize()
+            torch.empty(1, device="cuda")  # the allocator frees the blocks whose copies are done
+            held = torch.cuda.memory_allocated() - start
+            loss.backward()
+            del loss
+        return held
+
+    held_kept = allocated_after_forward({"inner": "aot_eager", "offload_layer_inputs": False})
+    held_moved = allocated_after_forward({"inner": "aot_eager"})
+    assert held_kept - held_moved >= layers * input_bytes, (held_kept, held_moved)

@@ -17,11 +17,11 @@ the stock fp32 division computes it. The lse output takes no gradient (marked no
 a silently missing gradient would be worse than an error).
 
 `lm_head_cross_entropy` is the lm_head projection and the loss together, for a graph that also
-returns the logits: the forward forms the [N, V] logits in one GEMM, as the stock lm_head does, and
-returns them; the backward computes the loss's gradient of the logits a chunk of rows at a time and
-multiplies each chunk out to dhidden = dlogits @ weight at once, so the full [N, V] gradient never
-exists. The returned logits take no gradient in the op: `attach_logits_grad` gives them one, outside
-the compiled graph (see there why).
+returns the logits: the forward forms the [N, V] logits a chunk of rows at a time and returns them
+whole; it does not keep them for the backward, which forms each chunk again (so logits the caller
+drops are freed at once), overwrites it with the loss's gradient and multiplies it out to
+dhidden = dlogits @ weight: the full [N, V] gradient never exists. The returned logits take no
+gradient in the op: `attach_logits_grad` gives them one, outside the compiled graph (see there why).
 
 `fused_linear_cross_entropy` also replaces the lm_head projection, for a caller that needs no
 logits: it computes the logits `hidden @ weight.T` in hidden's dtype, as the stock lm_head does, a
@@ -114,13 +114,12 @@ cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context
 @torch.library.custom_op("fxfuse::lm_head_cross_entropy", mutates_args=())
 def lm_head_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                              chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logits, per-row loss, lse, hidden in fp32); chunk_rows: rows of the logits' gradient the backward
-    forms at a time. The fp32 hidden carries the gradient that reaches the logits from outside the loss
-    (`attach_logits_grad`)."""
+    """(logits, per-row loss, lse, hidden in fp32); chunk_rows: rows of logits formed at a time, here and
+    again in the backward. The fp32 hidden carries the gradient that reaches the logits from outside the
+    loss (`attach_logits_grad`)."""
     _check_linear(hidden, weight, labels, chunk_rows)
-    # The stock lm_head's product, one GEMM in hidden's dtype (F.linear without bias is this mm).
-    logits = torch.mm(hidden, weight.t())
-    loss, lse = kernels.cross_entropy_forward(logits, labels.contiguous(), ignore_index)
+    logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+    loss, lse = _linear_cross_entropy_forward(hidden, weight, labels, ignore_index, chunk_rows, logits_out=logits)
     return logits, loss, lse, hidden.float()
 
 
@@ -133,40 +132,26 @@ def _(hidden, weight, labels, ignore_index, chunk_rows):
 
 @torch.library.custom_op("fxfuse::lm_head_cross_entropy_backward", mutates_args=())
 def lm_head_cross_entropy_backward_op(dloss: Tensor, dhidden_fp32: Tensor, hidden: Tensor, weight: Tensor,
-                                      logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
-                                      chunk_rows: int, need_dhidden: bool,
-                                      need_dweight: bool) -> tuple[Tensor, Tensor]:
+                                      labels: Tensor, lse: Tensor, ignore_index: int, chunk_rows: int,
+                                      need_dhidden: bool, need_dweight: bool) -> tuple[Tensor, Tensor]:
     """dhidden_fp32: the gradient carried by the fp32 hidden output (the logits' gradient from outside
     the loss, multiplied out), added to the loss's before dhidden's one rounding."""
     _check_linear(hidden, weight, labels, chunk_rows)
-    n, v = logits.shape
-    labels, lse = labels.contiguous(), lse.contiguous()
-    dhidden, dweight32 = _grad_buffers(hidden, weight, need_dhidden, need_dweight)
-    if need_dhidden or need_dweight:
-        buf = logits.new_empty(min(chunk_rows, n), v)
-        for start, end in _chunks(n, chunk_rows):
-            g = kernels.cross_entropy_backward(dloss[start:end], logits[start:end], labels[start:end],
-                                               lse[start:end], ignore_index, dlogits_out=buf[:end - start])
-            if need_dhidden:
-                # The stock backward's dlogits @ weight (fp32 accumulation), plus the carried gradient,
-                # rounded once to hidden's dtype.
-                dhidden[start:end] = _mm_fp32(g, weight).add_(dhidden_fp32[start:end])
-            if need_dweight:
-                _add_weight_grad(dweight32, g, hidden[start:end])
-    return dhidden, _weight_grad_out(dweight32, weight)
+    return _linear_cross_entropy_backward(dloss, hidden, weight, labels, lse, ignore_index, chunk_rows,
+                                          need_dhidden, need_dweight, dhidden_carried=dhidden_fp32)
 
 
 @lm_head_cross_entropy_backward_op.register_fake
-def _(dloss, dhidden_fp32, hidden, weight, logits, labels, lse, ignore_index, chunk_rows, need_dhidden,
-      need_dweight):
+def _(dloss, dhidden_fp32, hidden, weight, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight):
     return _grad_buffers(hidden, weight, need_dhidden, need_dweight, fake=True)
 
 
 def _lmce_setup_context(ctx, inputs, output):
     hidden, weight, labels, ignore_index, chunk_rows = inputs
-    # The logits are saved, not recomputed: a caller that reads them holds them until the backward
-    # anyway, and the backward starts with this op.
-    ctx.save_for_backward(hidden, weight, labels, output[0], output[2])
+    # The logits are not saved: the backward forms them again, a chunk at a time (one lm_head product,
+    # about 2% of a Llama-3-8B step). Saved, they would stay on the GPU until the backward even where
+    # the caller dropped them at once, as training loops and TRL's trainer do: 1 GiB at 2 x 2048 tokens.
+    ctx.save_for_backward(hidden, weight, labels, output[2])
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
     # The logits take no gradient here: a differentiable [N, V] output of a compiled graph is handed a
     # zero gradient of its size by autograd whenever the caller does not use it, the very memory this
@@ -176,7 +161,7 @@ def _lmce_setup_context(ctx, inputs, output):
 
 
 def _lmce_backward(ctx, _dlogits, dloss, _dlse, dhidden_fp32):
-    hidden, weight, labels, logits, lse = ctx.saved_tensors
+    hidden, weight, labels, lse = ctx.saved_tensors
     need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dhidden or need_dweight):
         return None, None, None, None, None
@@ -185,7 +170,7 @@ def _lmce_backward(ctx, _dlogits, dloss, _dlse, dhidden_fp32):
     if dhidden_fp32 is None:
         dhidden_fp32 = hidden.new_zeros(hidden.shape, dtype=torch.float32)
     dhidden, dweight = torch.ops.fxfuse.lm_head_cross_entropy_backward(
-        dloss, dhidden_fp32, hidden, weight, logits, labels, lse, ctx.ignore_index, ctx.chunk_rows, need_dhidden,
+        dloss, dhidden_fp32, hidden, weight, labels, lse, ctx.ignore_index, ctx.chunk_rows, need_dhidden,
         need_dweight)
     return (dhidden if need_dhidden else None), (dweight if need_dweight else None), None, None, None
 
@@ -294,10 +279,11 @@ def _add_weight_grad(dweight32: Tensor, dlogits: Tensor, hidden: Tensor) -> None
         dweight32.addmm_(dlogits.t().float(), hidden.float())
 
 
-@torch.library.custom_op("fxfuse::fused_linear_cross_entropy", mutates_args=())
-def fused_linear_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-                                  chunk_rows: int) -> tuple[Tensor, Tensor]:
-    _check_linear(hidden, weight, labels, chunk_rows)
+def _linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                                  chunk_rows: int, logits_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(per-row loss, lse) of the logits hidden @ weight.T, formed a chunk of rows at a time in one chunk
+    buffer; `logits_out`: where to keep them whole. The backward forms each chunk again by the same
+    product on the same shapes, so its logits are these bits and agree with the saved lse."""
     n, v = hidden.shape[0], weight.shape[0]
     labels = labels.contiguous()
     # Checked once for the batch here rather than once per chunk in the kernel wrapper.
@@ -312,20 +298,16 @@ def fused_linear_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor
         logits = torch.mm(hidden[start:end], weight_t, out=buf[:end - start])
         kernels.cross_entropy_forward(logits, labels[start:end], ignore_index,
                                       loss_out=loss[start:end], lse_out=lse[start:end], validate_labels=False)
+        if logits_out is not None:
+            logits_out[start:end] = logits
     return loss, lse
 
 
-@fused_linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, ignore_index, chunk_rows):
-    n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float64), hidden.new_empty(n, dtype=torch.float32)
-
-
-@torch.library.custom_op("fxfuse::fused_linear_cross_entropy_backward", mutates_args=())
-def fused_linear_cross_entropy_backward_op(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
-                                           lse: Tensor, ignore_index: int, chunk_rows: int, need_dhidden: bool,
-                                           need_dweight: bool) -> tuple[Tensor, Tensor]:
-    _check_linear(hidden, weight, labels, chunk_rows)
+def _linear_cross_entropy_backward(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
+                                   ignore_index: int, chunk_rows: int, need_dhidden: bool, need_dweight: bool,
+                                   dhidden_carried: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dhidden, dweight or its empty stand-in), each chunk's logits formed again as the forward formed
+    them; `dhidden_carried`: an fp32 gradient of hidden from elsewhere, added before dhidden's rounding."""
     n, v = hidden.shape[0], weight.shape[0]
     labels, lse = labels.contiguous(), lse.contiguous()
     dhidden, dweight32 = _grad_buffers(hidden, weight, need_dhidden, need_dweight)
@@ -339,12 +321,37 @@ def fused_linear_cross_entropy_backward_op(dloss: Tensor, hidden: Tensor, weight
             # it writes it), so the backward holds one chunk buffer, never an fp32 gradient.
             dlogits = kernels.cross_entropy_backward(dloss[start:end], logits, labels[start:end],
                                                      lse[start:end], ignore_index, dlogits_out=logits)
-            if need_dhidden:
+            if need_dhidden and dhidden_carried is None:
                 # The stock backward's dlogits @ weight, in hidden's dtype, row block by row block.
                 torch.mm(dlogits, weight, out=dhidden[start:end])
+            elif need_dhidden:
+                # The same in fp32 plus the carried gradient, rounded once to hidden's dtype.
+                dhidden[start:end] = _mm_fp32(dlogits, weight).add_(dhidden_carried[start:end])
             if need_dweight:
                 _add_weight_grad(dweight32, dlogits, h)
     return dhidden, _weight_grad_out(dweight32, weight)
+
+
+@torch.library.custom_op("fxfuse::fused_linear_cross_entropy", mutates_args=())
+def fused_linear_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                                  chunk_rows: int) -> tuple[Tensor, Tensor]:
+    _check_linear(hidden, weight, labels, chunk_rows)
+    return _linear_cross_entropy_forward(hidden, weight, labels, ignore_index, chunk_rows)
+
+
+@fused_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, chunk_rows):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float64), hidden.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fxfuse::fused_linear_cross_entropy_backward", mutates_args=())
+def fused_linear_cross_entropy_backward_op(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
+                                           lse: Tensor, ignore_index: int, chunk_rows: int, need_dhidden: bool,
+                                           need_dweight: bool) -> tuple[Tensor, Tensor]:
+    _check_linear(hidden, weight, labels, chunk_rows)
+    return _linear_cross_entropy_backward(dloss, hidden, weight, labels, lse, ignore_index, chunk_rows,
+                                          need_dhidden, need_dweight)
 
 
 @fused_linear_cross_entropy_backward_op.register_fake

@@ -12,9 +12,9 @@ writes the logits' gradient once in their dtype: none of the stock path's three 
 Their post pass takes the lm_head (`F.linear(hidden, weight)`, no bias) into the loss:
 - The graph returns the logits (`CausalLMOutput.logits`: training loops read them for accuracy or
   entropy metrics; a caller may use them any way, a gradient of their own included). They are
-  formed whole, by `fxfuse::lm_head_cross_entropy`, whose backward forms the loss's gradient of them
-  a chunk of rows at a time, each chunk multiplied out to dhidden at once: the full [N, V] gradient
-  never exists. The op's logits take no gradient: as a differentiable output of the compiled graph
+  formed whole, by `fxfuse::lm_head_cross_entropy`, which does not keep them for its backward: that
+  forms them again a chunk of rows at a time, each chunk's gradient multiplied out to dhidden at once,
+  so neither logits the caller dropped nor the full [N, V] gradient stay on the device. The op's logits take no gradient: as a differentiable output of the compiled graph
   they would be handed a zero [N, V] gradient by autograd on every step where the caller does not
   use one (AOTAutograd materialises it; Inductor's own graph pays it). The post pass makes the graph
   return the op's fp32 copy of hidden and the weight too, and the backend's output fixup gives the
