@@ -344,7 +344,12 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
 def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Compiled],
                    offload: "LayerInputOffload | None") -> fx.GraphModule:
     graph = fx.Graph()
-    env, root, made_by = {}, {}, {}
+    env, root, made_by, last_use = {}, {}, {}, {}
+    for i, p in enumerate(pieces):
+        for a in p.inputs:
+            last_use[a] = i
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    fx.map_arg(out.args[0], lambda x: last_use.__setitem__(x, len(pieces)))
     for n in gm.graph.nodes:
         if n.op == "placeholder" or (n.op == "get_attr" and not _is_module_attr(gm, n)):
             env[n] = graph.node_copy(n, lambda x: env[x])
@@ -352,15 +357,16 @@ def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Comp
                 root[n.target] = _fetch(gm, n.target)
     for i, (p, fn) in enumerate(zip(pieces, compiled)):
         name = f"piece{i}"
-        # A layer's activations come from the piece before; the graph's inputs (weights among them) stay put.
-        activations = [j for j, a in enumerate(p.inputs) if a in made_by]
+        # What may go to host memory: a value an earlier piece made that no later piece reads (the layer's
+        # input). Graph inputs (the weights; a first layer's input made by another graph, which its caller
+        # still holds) and values shared by the layers (RoPE's cos and sin) stay on the device.
+        activations = [j for j, a in enumerate(p.inputs) if a in made_by and last_use[a] == i]
         root[name] = _Offloaded(fn, offload, activations) if offload is not None and p.layer and activations else fn
         for o in p.outputs:
             made_by[o] = i
         call = graph.call_module(name, tuple(env[a] for a in p.inputs))
         for j, o in enumerate(p.outputs):
             env[o] = graph.call_function(operator.getitem, (call, j))
-    out = next(n for n in gm.graph.nodes if n.op == "output")
     graph.output(fx.map_arg(out.args[0], lambda x: env[x]))
     return fx.GraphModule(root, graph)
 
@@ -460,12 +466,14 @@ class _OffloadGroup:
 
     def __init__(self, previous: "_OffloadGroup | None"):
         self.previous = weakref.ref(previous) if previous is not None else None
-        self.by_key: dict = {}
+        # Weak: the copies hold the group, and a cycle would keep the pinned memory until the next
+        # garbage collection (fresh pinned allocations, which synchronize, every other step).
+        self.by_key = weakref.WeakValueDictionary()
         self.prefetched = False
 
 
 class _HostCopy:
-    __slots__ = ("host", "copied", "device", "group", "back", "back_ready")
+    __slots__ = ("host", "copied", "device", "group", "back", "back_ready", "__weakref__")
 
     def __init__(self, host, copied, device, group):
         self.host, self.copied, self.device, self.group = host, copied, device, group

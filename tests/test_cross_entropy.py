@@ -455,6 +455,25 @@ def test_lm_head_loss_does_not_keep_the_logits_for_its_backward():
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLAS)")
+@pytest.mark.parametrize("v", [128256, 32000, 32001])
+def test_backward_forms_the_logits_the_forward_returned_on_cuda(v):
+    # The backward forms each chunk's logits again, into a chunk buffer, and uses them with the forward's
+    # lse: they must be the forward's bits, whether the forward wrote into the returned logits directly
+    # (128256, 32000) or through a chunk buffer of its own (32001: rows not 256-byte aligned).
+    n, h, chunk_rows = 1100, 4096, 256
+    g = torch.Generator(device="cuda").manual_seed(_seed("recompute", v))
+    hidden = torch.randn(n, h, device="cuda", generator=g).bfloat16()
+    weight = (0.02 * torch.randn(v, h, device="cuda", generator=g)).bfloat16()
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    logits = lm_head_causal_lm_loss(hidden, weight, labels, chunk_rows=chunk_rows)[1]
+    buf = torch.full((chunk_rows, v), float("nan"), device="cuda", dtype=torch.bfloat16)
+    for start in range(0, n, chunk_rows):
+        end = min(start + chunk_rows, n)
+        again = torch.mm(hidden[start:end], weight.t(), out=buf[:end - start])
+        assert torch.equal(again, logits[start:end]), (v, start)
+
+
 def test_lm_head_loss_chunking_does_not_change_dhidden():
     # Each row of dhidden depends on that row only: any chunk size gives the same bits.
     hidden = torch.randn(20, 32).bfloat16()

@@ -232,7 +232,10 @@ def test_layer_inputs_offloaded_to_host_and_back_bit_for_bit(monkeypatch, checkp
     moved = _run(model, inputs, {"inner": "aot_eager"})
     _assert_same(kept, moved)
     offload = _regional(moved[3]).offload
-    assert offload.tensors == layers and offload.bytes == layers * input_bytes, str(offload)
+    # Every layer's input but the first's: enable_input_require_grads' hook breaks the graph after the
+    # embedding, so the first layer's input comes from outside the graph, and its caller holds it.
+    moved_inputs = layers - 1
+    assert offload.tensors == moved_inputs and offload.bytes == moved_inputs * input_bytes, str(offload)
 
     def allocated_after_forward(options):
         report = fxfuse.Report()
@@ -252,4 +255,4 @@ def test_layer_inputs_offloaded_to_host_and_back_bit_for_bit(monkeypatch, checkp
 
     held_kept = allocated_after_forward({"inner": "aot_eager", "offload_layer_inputs": False})
     held_moved = allocated_after_forward({"inner": "aot_eager"})
-    assert held_kept - held_moved >= layers * input_bytes, (held_kept, held_moved)
+    assert held_kept - held_moved >= moved_inputs * input_bytes, (held_kept, held_moved)

@@ -290,17 +290,29 @@ def _linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, labels: Tensor
     kernels.check_labels(labels, v, ignore_index)
     loss = hidden.new_empty(n, dtype=torch.float64)
     lse = hidden.new_empty(n, dtype=torch.float32)
-    # One logits buffer for all chunks; the last chunk uses its first rows.
-    buf = hidden.new_empty(min(chunk_rows, n), v)
+    in_place = logits_out is not None and _same_product_in_place(logits_out, chunk_rows)
+    # One logits buffer for all chunks (the last chunk uses its first rows), as in the backward.
+    buf = None if in_place else hidden.new_empty(min(chunk_rows, n), v)
     weight_t = weight.t()
     for start, end in _chunks(n, chunk_rows):
         # The stock lm_head's product, in hidden's dtype (F.linear without bias is this mm).
-        logits = torch.mm(hidden[start:end], weight_t, out=buf[:end - start])
+        out = logits_out[start:end] if in_place else buf[:end - start]
+        logits = torch.mm(hidden[start:end], weight_t, out=out)
         kernels.cross_entropy_forward(logits, labels[start:end], ignore_index,
                                       loss_out=loss[start:end], lse_out=lse[start:end], validate_labels=False)
-        if logits_out is not None:
+        if logits_out is not None and not in_place:
             logits_out[start:end] = logits
     return loss, lse
+
+
+def _same_product_in_place(logits_out: Tensor, chunk_rows: int) -> bool:
+    """Whether each chunk's product can be written straight into the returned logits and still give the bits
+    the backward's product into its chunk buffer gives (tests/test_cross_entropy.py checks it on the GPU):
+    on CUDA, where cuBLAS picks its kernel by the shapes and by each pointer's alignment (up to 256 bytes),
+    so every chunk of the logits must start 256-byte aligned as a fresh buffer does. It spares a chunk
+    buffer beside the whole logits, the forward's peak (250 MiB at Llama-3's vocabulary)."""
+    chunk_bytes = chunk_rows * logits_out.stride(0) * logits_out.element_size()
+    return logits_out.is_cuda and logits_out.data_ptr() % 256 == 0 and chunk_bytes % 256 == 0
 
 
 def _linear_cross_entropy_backward(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
