@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .canonicalize import _in_place, module_path
@@ -280,12 +281,6 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
     if ctx is not None and (getattr(ctx, "ddp_optimizer_ctx", None) is not None or ctx.fakify_first_call):
         summary.reason = "DDPOptimizer cut the graph already"
         return None
-    # Running the pieces on fake values can specialize a symbolic size to the example's (a guard Dynamo then
-    # installs: a recompile per length); until that is found and avoided, a graph with symbolic sizes is whole.
-    if any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
-            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs):
-        summary.reason = "symbolic sizes (a graph compiled for any length)"
-        return None
     pieces = plan(gm)
     if isinstance(pieces, str):
         summary.reason = pieces
@@ -315,7 +310,10 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
             return None
         keys.append(signature(module, args))
         try:
-            with fake_mode:
+            # As Dynamo and AOTAutograd run ops on fake values: with the Python dispatcher, composite ops
+            # (e.g. the loss's F.pad) decompose symbolically; without it they read sizes as ints and
+            # specialize a symbolic length (a guard, and a recompile for every other length).
+            with fake_mode, enable_python_dispatcher():
                 outs = module(*args)
         except Exception as exc:  # Dynamo ran these nodes on fake values; if a piece cannot, keep it whole
             summary.reason = f"piece {len(modules)} did not run on fake values ({type(exc).__name__}: {exc})"

@@ -98,19 +98,36 @@ def test_inductor_regional_equals_inductor_whole():
     _assert_same(whole, cut)
 
 
-def test_dynamic_shapes_compile_whole():
-    """A graph compiled for any length is compiled whole: running the pieces on fake values specialized the
-    length (a recompile per length: tests/test_robustness.py's varying lengths found it)."""
-    model, _ = build(layers=2, twin=False)
+def test_varying_lengths_compile_twice_regionally_and_match_the_whole_graph():
+    """Batches of varying length compile twice under torch.compile's defaults (static, then dynamic), and
+    the dynamic graph is cut too: the pieces' fake run must not specialize the symbolic length (it did,
+    through the loss's F.pad, until the run took the Python dispatcher as Dynamo's does; every length was
+    then a recompile). Losses and gradients equal the whole-graph compile's at every length."""
+    model, _ = build(layers=3, twin=False)
     model.enable_input_require_grads()
-    report = fxfuse.Report()
-    backend = functools.partial(fxfuse.fxfuse_backend, options={"inner": "aot_eager"}, report=report)
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    compiled(**batch(seed=4, t=11))
-    n_graphs = len(report.graphs)
-    compiled(**batch(seed=5, t=23))
-    assert len(report.graphs) == n_graphs  # no recompile
-    assert any("symbolic sizes" in g.regional.reason for g in report.graphs), str(report)
+    runs = {}
+    for regional_on in (False, True):
+        torch._dynamo.reset()
+        report = fxfuse.Report()
+        backend = functools.partial(fxfuse.fxfuse_backend, options={"inner": "aot_eager", "regional": regional_on},
+                                    report=report)
+        compiled = torch.compile(model, backend=backend)
+        steps = []
+        for seed, t in enumerate((12, 17, 9, 23)):
+            model.zero_grad(set_to_none=True)
+            out = compiled(**batch(seed=seed, t=t))
+            out.loss.backward()
+            steps.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+        runs[regional_on] = steps, report
+    (whole, _), (cut, report) = runs[False], runs[True]
+    layer_graphs = [g for g in report.graphs if g.regional is not None and "layers in" in str(g.regional)]
+    assert len(layer_graphs) == 2, str(report)  # static, then dynamic: no recompile per length
+    assert all(g.regional.layers == 3 for g in layer_graphs)
+    for (loss_w, grads_w), (loss_c, grads_c) in zip(whole, cut):
+        assert torch.equal(loss_w, loss_c)
+        assert grads_w.keys() == grads_c.keys() and len(grads_w) > 0
+        assert all(torch.equal(grads_w[n], grads_c[n]) for n in grads_w)
 
 
 # The plan, on small hand-made graphs: module paths as Dynamo records them.
