@@ -14,7 +14,7 @@ Options (all optional):
   regional  compile a repeated layer once and reuse the code for its twins (default True; False
               compiles each graph whole). `explain` says how each graph was cut, or why it was not.
   offload_layer_inputs  with regional compilation on CUDA, keep the inputs each layer saves for its
-              backward in pinned host memory until then (default True)
+              backward in pinned host memory until then (default True; not under Inductor's CUDA graphs)
 
 The default inner compiler is Inductor: measured faster and leaner than eager on the QLoRA step
 (benchmarks/RESULTS.md, "Foundation").
@@ -104,6 +104,12 @@ def validate_options(options) -> dict:
     if options.get("attention", "measured") not in ATTENTION_POLICIES:
         raise ValueError(f"option 'attention' must be one of {ATTENTION_POLICIES}, got {options['attention']!r}")
     return options
+
+
+def _cuda_graphs(options) -> bool:
+    # Inductor's CUDA graphs keep their outputs in a memory pool of their own and check which are still
+    # alive; the layer-input offload, which frees saved tensors early, is not tried under them.
+    return bool(options.get("inductor_config", {}).get("triton.cudagraphs", False))
 
 
 def _selected_patterns(options) -> tuple[list[Pattern], list[str]]:
@@ -360,7 +366,7 @@ def fxfuse_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
             graph_report.regional = RegionalSummary()
             compiled = compile_regions(gm, example_inputs, lambda piece, args: _inner_compile(
                 piece, args, options, name_failures), fake_mode, graph_report.regional,
-                offload=options.get("offload_layer_inputs", True))
+                offload=options.get("offload_layer_inputs", True) and not _cuda_graphs(options))
         if compiled is None:
             compiled = _inner_compile(gm, example_inputs, options, name_failures)
         graph_report.inner_compile_s = time.perf_counter() - start
