@@ -214,10 +214,69 @@ def _allocated_gib():
     return torch.cuda.memory_allocated() / 2 ** 30 if DEVICE == "cuda" else None
 
 
+def _origin(frames: list) -> str:
+    """The innermost frames of an allocation's Python stack outside torch's own files."""
+    return " < ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames
+                      if "/torch/" not in f["filename"] and "<" not in f["filename"])[:400] or "(torch)"
+
+
+def composition_at_peak(events: list, start_bytes: int, top: int = 30) -> dict:
+    """What was live at the highest point of one recorded step: `events`, the allocator's trace of the
+    step (torch.cuda.memory._snapshot()["device_traces"][0] from the step's start; `start_bytes`
+    allocated then). Allocations made during the step and still live at the peak, the largest first,
+    each with its size and origin."""
+    live, total, best, best_live = {}, start_bytes, start_bytes, {}
+    for ev in events:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+            total -= ev["size"]
+        else:
+            continue
+        if total > best:
+            best, best_live = total, dict(live)
+    blocks = sorted(best_live.values(), key=lambda ev: -ev["size"])
+    return {"peak_gib": best / 2 ** 30, "start_gib": start_bytes / 2 ** 30,
+            "made_in_step_live_at_peak_gib": sum(ev["size"] for ev in blocks) / 2 ** 30,
+            "largest": [{"mib": ev["size"] / 2 ** 20, "where": _origin(ev.get("frames", []))}
+                        for ev in blocks[:top]]}
+
+
+def live_by_origin(snapshot: dict, top: int = 25) -> list:
+    """The blocks live now, summed by origin, the largest sums first (MiB, count, origin)."""
+    sums: dict = {}
+    for seg in snapshot["segments"]:
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                key = _origin(b.get("frames", []))
+                mib, count = sums.get(key, (0.0, 0))
+                sums[key] = (mib + b["size"] / 2 ** 20, count + 1)
+    return [{"mib": round(m, 2), "count": c, "where": k} for k, (m, c) in
+            sorted(sums.items(), key=lambda kv: -kv[1][0])[:top]]
+
+
+def _grad_summary(model) -> dict:
+    """Per kind (lora_A, lora_B): count, overall norm, max, nonzeros and nonzeros below Adam's eps."""
+    import torch
+    out = {}
+    with torch.no_grad():
+        for kind in ("lora_A", "lora_B"):
+            gs = [p.grad.float() for n, p in model.named_parameters() if kind in n and p.grad is not None]
+            out[kind] = {"count": len(gs), "norm": float(torch.stack([g.norm() for g in gs]).norm()),
+                         "max": max(float(g.abs().max()) for g in gs),
+                         "nonzero": int(sum(int((g != 0).sum()) for g in gs)),
+                         "below_adam_eps": int(sum(int(((g != 0) & (g.abs() < 1e-8)).sum()) for g in gs))}
+    return out
+
+
 def run_system(system: str, args) -> dict:
     import torch
     from qlora_llama import batch
     path = prepare(args)
+    if DEVICE == "cuda" and args.memory_trace:  # from before the load: every live block's origin is known
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=10_000_000)
     t_load = time.perf_counter()
     model = _load(system, path, args)
     load_s = time.perf_counter() - t_load
@@ -235,32 +294,46 @@ def run_system(system: str, args) -> dict:
     _sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses, grads = [], [], {}
+    times, losses, grads, step_peaks = [], [], {}, []
+    peak_composition = None
     for i in range(args.warmup + args.steps):
+        last = i == args.warmup + args.steps - 1
+        if DEVICE == "cuda":
+            step_peaks.append(torch.cuda.max_memory_allocated() / 2 ** 30)
+            torch.cuda.reset_peak_memory_stats()
+            if last and args.memory_trace:
+                start_bytes = torch.cuda.memory_allocated()
+                start_event = len(torch.cuda.memory._snapshot()["device_traces"][0])
         t0 = time.perf_counter()
         loss = run(**inputs).loss
         loss.backward()
         if i == 0:  # the first step's gradients, to compare systems: norms, and A's (zero under PEFT's B = 0)
-            with torch.no_grad():
-                for kind in ("lora_A", "lora_B"):
-                    gs = [p.grad.float() for n, p in model.named_parameters() if kind in n and p.grad is not None]
-                    grads[kind] = {"count": len(gs), "norm": float(torch.stack([g.norm() for g in gs]).norm()),
-                                   "max": max(float(g.abs().max()) for g in gs),
-                                   "nonzero": int(sum(int((g != 0).sum()) for g in gs)),
-                                   "below_adam_eps": int(sum(int(((g != 0) & (g.abs() < 1e-8)).sum()) for g in gs))}
+            grads = _grad_summary(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync()
         times.append(time.perf_counter() - t0)
+        # As the Hugging Face trainer does (it returns loss.detach()): the step's autograd graph goes
+        # now, not when the next step's forward replaces it (it holds the embedding's output, a leaf).
         losses.append(loss.item())
+        del loss
+        if DEVICE == "cuda" and last and args.memory_trace:
+            snapshot = torch.cuda.memory._snapshot()
+            peak_composition = composition_at_peak(snapshot["device_traces"][0][start_event:], start_bytes)
+            peak_composition["live_after_step"] = live_by_origin(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+    if DEVICE == "cuda":
+        step_peaks = step_peaks[1:] + [torch.cuda.max_memory_allocated() / 2 ** 30]
     median = statistics.median(times[args.warmup:])
     steady_gib = _allocated_gib()  # weights + optimizer states, gradients set to None
     out = {"system": system, "layers": args.layers, "batch": args.batch, "seq": args.seq,
            "checkpointing": args.checkpointing, "load_s": load_s, "first_step_s": times[0],
            "median_step_ms": 1e3 * median, "step_ms": [1e3 * t for t in times],
            "tokens_per_s": args.batch * args.seq / median, "losses": losses, "step1_grads": grads,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else None,
-           "model_gib": model_gib, "steady_gib": steady_gib}
+           "peak_gib": max(step_peaks) if DEVICE == "cuda" else None,
+           "model_gib": model_gib, "steady_gib": steady_gib, "step_peaks_gib": step_peaks}
+    if peak_composition is not None:
+        out["last_step_peak"] = peak_composition
     if system == "fxfuse":
         import fxfuse
         out["fired"] = fxfuse.last_report().counts()
@@ -281,7 +354,7 @@ def _child(system: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--layers", str(args.layers),
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--tmp", args.tmp, "--fxfuse-options", args.fxfuse_options] + (
-               [] if args.checkpointing else ["--no-checkpointing"])
+               [] if args.checkpointing else ["--no-checkpointing"]) + (["--memory-trace"] if args.memory_trace else [])
     env = dict(os.environ)
     if system == "unsloth" and args.unsloth_site:
         env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, env.get("PYTHONPATH", "")])
@@ -391,6 +464,8 @@ def main():
     ap.add_argument("--fxfuse-options", default="{}", help="JSON: torch.compile's options= for fxfuse, e.g. "
                     "'{\"regional\": false}' to compile each graph whole")
     ap.add_argument("--unsloth-site", help="a folder with the Unsloth wheels installed (it pins its own trl/datasets)")
+    ap.add_argument("--memory-trace", action="store_true",
+                    help="record the last step's allocations and report what is live at its peak (JSON last_step_peak)")
     ap.add_argument("--child-timeout", type=int, default=900)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "step.json"))
     ap.add_argument("--results-md", default=None, help="append a dated section with the table here")

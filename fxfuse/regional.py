@@ -342,7 +342,7 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
 def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Compiled],
                    offload: "LayerInputOffload | None") -> fx.GraphModule:
     graph = fx.Graph()
-    env, root, made_by, last_use = {}, {}, {}, {}
+    env, root, made_by, last_use, offloading = {}, {}, {}, {}, False
     for i, p in enumerate(pieces):
         for a in p.inputs:
             last_use[a] = i
@@ -359,7 +359,11 @@ def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Comp
         # input). Graph inputs (the weights; a first layer's input made by another graph, which its caller
         # still holds) and values shared by the layers (RoPE's cos and sin) stay on the device.
         activations = [j for j, a in enumerate(p.inputs) if a in made_by and last_use[a] == i]
-        root[name] = _Offloaded(fn, offload, activations) if offload is not None and p.layer and activations else fn
+        if offload is not None and p.layer and activations:
+            root[name] = _Offloaded(fn, offload, activations)
+            offloading = True
+        else:  # a piece after the layers (the loss) lets go of the last layer's input
+            root[name] = _Offloaded(fn, offload, []) if offload is not None and offloading else fn
         for o in p.outputs:
             made_by[o] = i
         call = graph.call_module(name, tuple(env[a] for a in p.inputs))
@@ -383,10 +387,14 @@ class LayerInputOffload:
 
     Under gradient checkpointing a layer saves its input and nothing else of size (the weights are
     graph inputs and stay): 32 MiB per layer of the Llama-3-8B workload, 1 GiB over its 32 layers.
-    The copy out runs on a side stream, beside the layer's own forward, and the device memory goes
-    once the copy has read it. In the backward, unpacking layer i's input starts the copy back of
-    layer i-1's on the side stream, beside layer i's backward. Copies are bit for bit; where pinned
-    host memory runs out, the tensor stays on the device (and the report says so)."""
+    The copy out starts on a side stream as the layer starts, beside its forward. The device memory
+    is let go when the next piece starts, after the compute stream has waited for the copy: freed in
+    the compute stream's order, so the allocator reuses it at once. (Freed with `record_stream`, it
+    would wait for the allocator to see the copy's event complete, which, with the CPU several layers
+    ahead of the GPU, kept about 7 layers' inputs allocated at the forward's end.) In the backward,
+    unpacking layer i's input starts the copy back of layer i-1's on the side stream, beside layer i's
+    backward. Copies are bit for bit; where pinned host memory runs out, the tensor stays on the device
+    (and the report says so)."""
 
     def __init__(self):
         self.tensors = 0  # offloaded so far (a running count, for the report)
@@ -394,6 +402,7 @@ class LayerInputOffload:
         self.failure = ""
         self._last_group = None  # weakref to the group of the last layer call
         self._streams: dict = {}
+        self._held: list = []  # copies whose device tensor the next piece lets go
 
     def __str__(self) -> str:
         text = (f"the layers' saved inputs kept in host memory ({self.tensors} tensors, "
@@ -411,87 +420,159 @@ class LayerInputOffload:
         self._last_group = weakref.ref(group)
         return group
 
-    def pack(self, group: "_OffloadGroup", storages: set, t: torch.Tensor):
-        if not (t.is_cuda and t.nbytes >= OFFLOAD_MIN_BYTES and t.is_contiguous()
-                and t.untyped_storage().data_ptr() in storages):
-            return t
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key in group.by_key:  # the same tensor saved twice (two views of one value)
-            return group.by_key[key]
+    def release(self) -> None:
+        """Lets go of the device tensors whose copies the pieces before this one started: the compute
+        stream waits for each copy, then the tensor is freed in its order."""
+        held, self._held = self._held, []
+        for copy in held:
+            if copy.held is not None:
+                torch.cuda.current_stream(copy.device).wait_event(copy.copied)
+                copy.held = None
+
+    def stage(self, group: "_OffloadGroup", t: torch.Tensor) -> None:
+        """Starts the copy of a piece's input `t` to host memory, to be matched by `pack` if the piece
+        saves it."""
+        key = (t.data_ptr(), t.dtype, t.numel())
+        if not (t.is_cuda and t.nbytes >= OFFLOAD_MIN_BYTES and t.is_contiguous()) or key in group.staged:
+            return
+        copy = self._copy_out(group, t)
+        if copy is not None:
+            copy.held = t
+            group.staged[key] = copy
+
+    def _copy_out(self, group: "_OffloadGroup", t: torch.Tensor) -> "_HostCopy | None":
         try:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         except RuntimeError as exc:  # out of pinned host memory: this one stays on the device
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            return t
+            return None
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
-        copied = stream.record_event()
-        t.record_stream(stream)  # its memory is not reused until the copy has read it
-        saved = _HostCopy(host, copied, t.device, group)
-        group.by_key[key] = saved
+        return _HostCopy(host, stream.record_event(), t.device, group)
+
+    def unstage(self, group: "_OffloadGroup") -> None:
+        """After the piece's forward: copies it did not save are dropped; those it saved wait for the
+        next piece to let their device tensors go."""
+        for copy in group.staged.values():
+            if copy.saved:
+                self._held.append(copy)
+            else:  # its device tensor is freed now: the copy still reading it must finish first
+                copy.held.record_stream(self._stream(copy.device))
+                copy.held = None
+        group.staged = {}
+
+    def pack(self, group: "_OffloadGroup", storages: set, t: torch.Tensor):
+        if not (t.is_cuda and t.nbytes >= OFFLOAD_MIN_BYTES and t.is_contiguous()
+                and t.untyped_storage().data_ptr() in storages):
+            return t
+        staged = group.staged.get((t.data_ptr(), t.dtype, t.numel()))
+        if staged is not None:  # the piece's input itself, or a view of all of it
+            if not staged.saved:
+                staged.saved = True
+                group.by_key[("input", t.data_ptr())] = staged
+                self.tensors += 1
+                self.bytes += t.nbytes
+            return _SavedOnHost(staged, t.shape)
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key in group.by_key:  # the same tensor saved twice
+            return _SavedOnHost(group.by_key[key], t.shape)
+        # A part of an input: copied now, its device memory freed once the copy has read it.
+        copy = self._copy_out(group, t)
+        if copy is None:
+            return t
+        t.record_stream(self._stream(t.device))
+        copy.saved = True
+        group.by_key[key] = copy
         self.tensors += 1
         self.bytes += t.nbytes
-        return saved
+        return _SavedOnHost(copy, t.shape)
 
     def unpack(self, saved):
-        if not isinstance(saved, _HostCopy):
+        if not isinstance(saved, _SavedOnHost):
             return saved
-        current = torch.cuda.current_stream(saved.device)
-        previous = saved.group.previous() if saved.group.previous is not None else None
+        copy = saved.copy
+        if copy.held is not None:  # not let go yet (no piece ran after this one's forward)
+            return copy.held.view(saved.shape)
+        current = torch.cuda.current_stream(copy.device)
+        previous = copy.group.previous() if copy.group.previous is not None else None
         if previous is not None and not previous.prefetched:
             previous.prefetched = True
-            stream = self._stream(saved.device)
-            for other in list(previous.by_key.values()):
+            stream = self._stream(copy.device)
+            for other in previous.copies():
+                if other.held is not None:
+                    continue
                 stream.wait_event(other.copied)
                 with torch.cuda.stream(stream):
                     other.back = other.host.to(other.device, non_blocking=True)
                 other.back_ready = stream.record_event()
-        if saved.back is not None:
-            current.wait_event(saved.back_ready)
-            t, saved.back = saved.back, None
+        if copy.back is not None:
+            current.wait_event(copy.back_ready)
+            t, copy.back = copy.back, None
             t.record_stream(current)  # made on the side stream, used and freed on this one
-            return t
-        current.wait_event(saved.copied)
-        return saved.host.to(saved.device, non_blocking=True)
+            return t.view(saved.shape)
+        current.wait_event(copy.copied)
+        return copy.host.to(copy.device, non_blocking=True).view(saved.shape)
 
 
 class _OffloadGroup:
     """What one call of one layer piece moved to host memory. Held by its copies (through the saved
     tensors); the next layer's group holds it weakly, to fetch it back ahead of its backward."""
-    __slots__ = ("previous", "by_key", "prefetched", "__weakref__")
+    __slots__ = ("previous", "staged", "by_key", "prefetched", "__weakref__")
 
     def __init__(self, previous: "_OffloadGroup | None"):
         self.previous = weakref.ref(previous) if previous is not None else None
+        self.staged: dict = {}  # during the piece's forward: the copies of its inputs started ahead
         # Weak: the copies hold the group, and a cycle would keep the pinned memory until the next
         # garbage collection (fresh pinned allocations, which synchronize, every other step).
         self.by_key = weakref.WeakValueDictionary()
         self.prefetched = False
 
+    def copies(self) -> list:
+        return list(self.by_key.values())
+
 
 class _HostCopy:
-    __slots__ = ("host", "copied", "device", "group", "back", "back_ready", "__weakref__")
+    __slots__ = ("host", "copied", "device", "group", "held", "saved", "back", "back_ready", "__weakref__")
 
     def __init__(self, host, copied, device, group):
         self.host, self.copied, self.device, self.group = host, copied, device, group
+        self.held = None  # the device tensor, until the next piece lets it go
+        self.saved = False
         self.back = self.back_ready = None
 
 
+class _SavedOnHost:
+    """What autograd keeps for a saved tensor that went to host memory: its copy, and the shape it
+    was saved with (a view of a piece's input has the input's copy)."""
+    __slots__ = ("copy", "shape")
+
+    def __init__(self, copy: _HostCopy, shape: torch.Size):
+        self.copy, self.shape = copy, shape
+
+
 class _Offloaded(torch.nn.Module):
-    """A layer piece whose saved inputs (those among `activations`, the arguments computed by an earlier
-    piece) go to host memory until its backward."""
+    """A piece run with the layer-input offload: its saved inputs among `activations` (arguments an
+    earlier piece computed and no later piece reads) go to host memory until its backward; and, first,
+    the inputs the pieces before it saved are let go on the device."""
 
     def __init__(self, compiled: _Compiled, offload: LayerInputOffload, activations: list[int]):
         super().__init__()
         self.compiled, self.offload, self.activations = compiled, offload, activations
 
     def forward(self, *args):
-        storages = {args[i].untyped_storage().data_ptr() for i in self.activations
-                    if isinstance(args[i], torch.Tensor) and args[i].is_cuda}
-        if not storages or not torch.is_grad_enabled():
+        self.offload.release()
+        inputs = [args[i] for i in self.activations if isinstance(args[i], torch.Tensor) and args[i].is_cuda]
+        if not inputs or not torch.is_grad_enabled():
             return self.compiled(*args)
         group = self.offload.new_group()
-        with torch.autograd.graph.saved_tensors_hooks(functools.partial(self.offload.pack, group, storages),
-                                                      self.offload.unpack):
-            return self.compiled(*args)
+        for t in inputs:
+            self.offload.stage(group, t)
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self.offload.pack, group, storages),
+                                                          self.offload.unpack):
+                return self.compiled(*args)
+        finally:
+            self.offload.unstage(group)

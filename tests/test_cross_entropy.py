@@ -407,10 +407,10 @@ def test_lm_head_loss_exact(dtype, weight_grad, logits_grad):
         items = make_num_items(labels, reduction)
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_(weight_grad)
-        loss, logits, hidden_fp32 = lm_head_causal_lm_loss(h, w, labels, num_items_in_batch=items, chunk_rows=16)
+        loss, logits, carrier = lm_head_causal_lm_loss(h, w, labels, num_items_in_batch=items, chunk_rows=16)
         assert not logits.requires_grad  # until attached, outside any graph (the backend does it)
         if not weight_grad:
-            logits = attach_logits_grad(logits, hidden_fp32, w)
+            logits = attach_logits_grad(logits, carrier, w)
             assert logits.requires_grad
         outputs, grads = [loss], [torch.tensor(DLOSS)]
         if logits_grad:
@@ -434,9 +434,9 @@ def test_lm_head_loss_exact(dtype, weight_grad, logits_grad):
 def test_attaching_logits_of_a_trained_lm_head_is_refused():
     hidden = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
-    _, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, torch.randint(0, 40, (4,)))
+    _, logits, carrier = lm_head_causal_lm_loss(hidden, weight, torch.randint(0, 40, (4,)))
     with pytest.raises(ValueError, match="lm_head weight requires grad"):
-        attach_logits_grad(logits, hidden_fp32, weight)
+        attach_logits_grad(logits, carrier, weight)
 
 
 def test_lm_head_loss_does_not_keep_the_logits_for_its_backward():
@@ -446,13 +446,28 @@ def test_lm_head_loss_does_not_keep_the_logits_for_its_backward():
     hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
     weight = 0.2 * torch.randn(50, 16, dtype=torch.bfloat16)
     labels = torch.randint(0, 50, (18,))
-    loss, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, labels, chunk_rows=4)
-    logits = attach_logits_grad(logits, hidden_fp32, weight)
+    loss, logits, carrier = lm_head_causal_lm_loss(hidden, weight, labels, chunk_rows=4)
+    logits = attach_logits_grad(logits, carrier, weight)
     storage = StorageWeakRef(logits.untyped_storage())
-    del logits, hidden_fp32
+    del logits, carrier
     assert storage.expired()
     loss.backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+
+
+def test_gradient_carrier_takes_no_memory_and_still_carries_the_logits_gradient():
+    # The carrier sits beside the returned logits at the forward's peak: it must be one element, all
+    # strides 0, and a gradient given to the logits must still reach hidden through it.
+    hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = 0.2 * torch.randn(50, 16, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (18,))
+    _, logits, carrier = lm_head_causal_lm_loss(hidden, weight, labels, chunk_rows=4)
+    assert carrier.shape == hidden.shape and carrier.dtype == torch.float32
+    assert carrier.stride() == (0, 0, 0) and carrier.untyped_storage().nbytes() == 4
+    dlogits = torch.randn(logits.shape, dtype=torch.bfloat16)
+    attach_logits_grad(logits, carrier, weight).backward(dlogits)
+    want = (dlogits.double() @ weight.double()).to(torch.bfloat16)
+    torch.testing.assert_close(hidden.grad, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLAS)")
@@ -517,10 +532,10 @@ def test_ops_opcheck():
                                need_dhidden, need_dweight))
     torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy.default, (hidden, weight, labels, IGNORE, 4))
     rows, lse = torch.ops.fxfuse.lm_head_cross_entropy(hidden, weight, labels, IGNORE, 4)[1:3]
-    dhidden_fp32 = torch.randn(6, 16)
+    dcarrier = torch.randn(6, 16)
     for need_dhidden, need_dweight in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.fxfuse.lm_head_cross_entropy_backward.default,
-                              (dloss, dhidden_fp32, hidden.detach(), weight.detach(), labels,
+                              (dloss, dcarrier, hidden.detach(), weight.detach(), labels,
                                lse.detach(), IGNORE, 4, need_dhidden, need_dweight))
 
 

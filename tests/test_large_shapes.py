@@ -69,8 +69,8 @@ def test_lm_head_loss_past_2_31_logits():
     weight = (torch.randn(v, h, generator=g, device="cuda") / h ** 0.5).to(torch.bfloat16)
     labels = torch.randint(0, v, (n,), generator=g, device="cuda")
     labels[5::11] = -100
-    loss, logits, hidden_fp32 = lm_head_causal_lm_loss(hidden, weight, labels)
-    logits = attach_logits_grad(logits, hidden_fp32, weight)
+    loss, logits, carrier = lm_head_causal_lm_loss(hidden, weight, labels)
+    logits = attach_logits_grad(logits, carrier, weight)
     assert logits.shape == (n, v) and not logits.isnan().any()
     (dhidden,) = torch.autograd.grad(loss, hidden)
     assert not dhidden.isnan().any()

@@ -3,7 +3,7 @@
 
     causal_lm_cross_entropy(logits_2d, labels_1d, ignore_index, num_items_in_batch)
     lm_head_causal_lm_loss(hidden, weight, labels_1d, ignore_index, num_items_in_batch)
-        -> (loss, logits, hidden_fp32)
+        -> (loss, logits, carrier)
     fused_linear_cross_entropy(hidden_2d, weight, labels_1d, ignore_index, num_items_in_batch, chunk_rows)
 
 are transformers' `ForCausalLMLoss` after its label shift: `F.cross_entropy(logits.float(), labels,
@@ -114,35 +114,42 @@ cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context
 @torch.library.custom_op("fxfuse::lm_head_cross_entropy", mutates_args=())
 def lm_head_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                              chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logits, per-row loss, lse, hidden in fp32); chunk_rows: rows of logits formed at a time, here and
-    again in the backward. The fp32 hidden carries the gradient that reaches the logits from outside the
-    loss (`attach_logits_grad`)."""
+    """(logits, per-row loss, lse, gradient carrier); chunk_rows: rows of logits formed at a time, here
+    and again in the backward. The carrier, fp32 and of hidden's shape, carries the gradient that reaches
+    the logits from outside the loss (`attach_logits_grad`); its values are never read."""
     _check_linear(hidden, weight, labels, chunk_rows)
     logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
     loss, lse = _linear_cross_entropy_forward(hidden, weight, labels, ignore_index, chunk_rows, logits_out=logits)
-    return logits, loss, lse, hidden.float()
+    return logits, loss, lse, gradient_carrier(hidden)
 
 
 @lm_head_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, chunk_rows):
     n = hidden.shape[0]
     return (hidden.new_empty(n, weight.shape[0]), hidden.new_empty(n, dtype=torch.float64),
-            hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(hidden.shape, dtype=torch.float32))
+            hidden.new_empty(n, dtype=torch.float32), gradient_carrier(hidden))
+
+
+def gradient_carrier(hidden: Tensor) -> Tensor:
+    """An fp32 tensor of hidden's shape over one element (all strides 0): only its gradient is used, and a
+    real one would sit beside the returned logits at the forward's peak (64 MiB at 4096 x 4096). Not a
+    view (it has no base), so AOTAutograd returns it as it is; its gradient arrives dense."""
+    return hidden.new_zeros(1, dtype=torch.float32).as_strided(hidden.shape, (0,) * hidden.dim())
 
 
 @torch.library.custom_op("fxfuse::lm_head_cross_entropy_backward", mutates_args=())
-def lm_head_cross_entropy_backward_op(dloss: Tensor, dhidden_fp32: Tensor, hidden: Tensor, weight: Tensor,
+def lm_head_cross_entropy_backward_op(dloss: Tensor, dcarrier: Tensor, hidden: Tensor, weight: Tensor,
                                       labels: Tensor, lse: Tensor, ignore_index: int, chunk_rows: int,
                                       need_dhidden: bool, need_dweight: bool) -> tuple[Tensor, Tensor]:
-    """dhidden_fp32: the gradient carried by the fp32 hidden output (the logits' gradient from outside
-    the loss, multiplied out), added to the loss's before dhidden's one rounding."""
+    """dcarrier: the gradient that reached the carrier output (the logits' gradient from outside the
+    loss, multiplied out in fp32), added to the loss's before dhidden's one rounding."""
     _check_linear(hidden, weight, labels, chunk_rows)
     return _linear_cross_entropy_backward(dloss, hidden, weight, labels, lse, ignore_index, chunk_rows,
-                                          need_dhidden, need_dweight, dhidden_carried=dhidden_fp32)
+                                          need_dhidden, need_dweight, dhidden_carried=dcarrier)
 
 
 @lm_head_cross_entropy_backward_op.register_fake
-def _(dloss, dhidden_fp32, hidden, weight, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight):
+def _(dloss, dcarrier, hidden, weight, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight):
     return _grad_buffers(hidden, weight, need_dhidden, need_dweight, fake=True)
 
 
@@ -156,21 +163,21 @@ def _lmce_setup_context(ctx, inputs, output):
     # The logits take no gradient here: a differentiable [N, V] output of a compiled graph is handed a
     # zero gradient of its size by autograd whenever the caller does not use it, the very memory this
     # op saves. `attach_logits_grad` gives the returned logits their gradient instead, through the
-    # fp32 hidden output, whose zero gradient is [N, H].
+    # carrier output, whose zero gradient is [N, H] fp32 (and only in the backward).
     ctx.mark_non_differentiable(output[0], output[2])
 
 
-def _lmce_backward(ctx, _dlogits, dloss, _dlse, dhidden_fp32):
+def _lmce_backward(ctx, _dlogits, dloss, _dlse, dcarrier):
     hidden, weight, labels, lse = ctx.saved_tensors
     need_dhidden, need_dweight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dhidden or need_dweight):
         return None, None, None, None, None
     if dloss is None:  # only the logits were differentiated
         dloss = lse.new_zeros(lse.shape)
-    if dhidden_fp32 is None:
-        dhidden_fp32 = hidden.new_zeros(hidden.shape, dtype=torch.float32)
+    if dcarrier is None:
+        dcarrier = hidden.new_zeros(hidden.shape, dtype=torch.float32)
     dhidden, dweight = torch.ops.fxfuse.lm_head_cross_entropy_backward(
-        dloss, dhidden_fp32, hidden, weight, labels, lse, ctx.ignore_index, ctx.chunk_rows, need_dhidden,
+        dloss, dcarrier, hidden, weight, labels, lse, ctx.ignore_index, ctx.chunk_rows, need_dhidden,
         need_dweight)
     return (dhidden if need_dhidden else None), (dweight if need_dweight else None), None, None, None
 
@@ -180,10 +187,10 @@ lm_head_cross_entropy_op.register_autograd(_lmce_backward, setup_context=_lmce_s
 
 class _LogitsGrad(torch.autograd.Function):
     """The lm_head's backward for a gradient that reaches its logits from outside the loss: multiplied
-    out to the fp32 hidden (fp32 accumulation, not rounded), which carries it into the loss op's backward."""
+    out in fp32 (not rounded) to the loss op's carrier output, which takes it into the op's backward."""
 
     @staticmethod
-    def forward(ctx, logits, hidden_fp32, weight):
+    def forward(ctx, logits, carrier, weight):
         ctx.save_for_backward(weight)
         return logits.view_as(logits)
 
@@ -195,9 +202,9 @@ class _LogitsGrad(torch.autograd.Function):
         return None, dhidden, None
 
 
-def attach_logits_grad(logits: Tensor, hidden_fp32: Tensor, weight: Tensor) -> Tensor:
+def attach_logits_grad(logits: Tensor, carrier: Tensor, weight: Tensor) -> Tensor:
     """The logits returned by `lm_head_causal_lm_loss` (which take no gradient) made differentiable: a
-    gradient reaching them flows, as the stock lm_head's would, into `hidden_fp32` (its third output)
+    gradient reaching them flows, as the stock lm_head's would, into `carrier` (its third output)
     and through the loss op's backward to the hidden states. The lm_head weight must be frozen.
 
     Called outside any compiled graph (the fxfuse backend calls it on the graph's outputs): a caller
@@ -206,9 +213,9 @@ def attach_logits_grad(logits: Tensor, hidden_fp32: Tensor, weight: Tensor) -> T
     if weight.requires_grad:
         raise ValueError("attach_logits_grad: the lm_head weight requires grad; only a frozen lm_head's returned "
                          "logits are supported (fxfuse keeps a trained lm_head apart from the loss)")
-    if not torch.is_grad_enabled() or not hidden_fp32.requires_grad:
+    if not torch.is_grad_enabled() or not carrier.requires_grad:
         return logits
-    return _LogitsGrad.apply(logits, hidden_fp32, weight)
+    return _LogitsGrad.apply(logits, carrier, weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,19 +434,19 @@ def lm_head_causal_lm_loss(hidden: Tensor, weight: Tensor, labels_1d: Tensor, ig
     """`logits = F.linear(hidden, weight)` and `causal_lm_cross_entropy(logits.view(-1, V), labels_1d, ...)`.
 
     hidden: [..., H]; weight: [V, H] of the same dtype (the lm_head weight, no bias). Returns
-    (loss, logits [..., V], hidden_fp32 [..., H]); the backward forms the logits' gradient `chunk_rows`
-    rows at a time (default: `default_chunk_rows`, ~256 MiB), never the full [N, V] (module docstring).
-    The logits take no gradient: `attach_logits_grad(logits, hidden_fp32, weight)` gives them the stock
+    (loss, logits [..., V], carrier [..., H]: fp32, all strides 0); the backward forms the logits' gradient
+    `chunk_rows` rows at a time (default: `default_chunk_rows`, ~256 MiB), never the full [N, V] (module docstring).
+    The logits take no gradient: `attach_logits_grad(logits, carrier, weight)` gives them the stock
     lm_head's.
     """
     if hidden.dim() < 1:
         raise ValueError("lm_head_causal_lm_loss: hidden must have a last (feature) dimension")
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
-    logits, loss_rows, _, hidden_fp32 = torch.ops.fxfuse.lm_head_cross_entropy(
+    logits, loss_rows, _, carrier = torch.ops.fxfuse.lm_head_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels_1d, ignore_index, chunk_rows)
     loss = _reduce(loss_rows, labels_1d, ignore_index, num_items_in_batch)
-    return loss, logits.view(*hidden.shape[:-1], weight.shape[0]), hidden_fp32.view(hidden.shape)
+    return loss, logits.view(*hidden.shape[:-1], weight.shape[0]), carrier.view(hidden.shape)
 
 
 def fused_linear_cross_entropy(hidden_2d: Tensor, weight: Tensor, labels_1d: Tensor, ignore_index: int = -100,

@@ -17,9 +17,10 @@ Their post pass takes the lm_head (`F.linear(hidden, weight)`, no bias) into the
   so neither logits the caller dropped nor the full [N, V] gradient stay on the device. The op's logits take no gradient: as a differentiable output of the compiled graph
   they would be handed a zero [N, V] gradient by autograd on every step where the caller does not
   use one (AOTAutograd materialises it; Inductor's own graph pays it). The post pass makes the graph
-  return the op's fp32 copy of hidden and the weight too, and the backend's output fixup gives the
-  logits the stock lm_head's gradient outside the graph (`attach_logits_grad`), routed through the
-  fp32 hidden into the op's backward, where it is added before dhidden's one rounding.
+  return the op's gradient carrier (fp32, hidden's shape, no memory: all strides 0) and the weight
+  too, and the backend's output fixup gives the logits the stock lm_head's gradient outside the graph
+  (`attach_logits_grad`), routed through the carrier into the op's backward, where it is added before
+  dhidden's one rounding.
 - The graph does not return the logits: `fused_linear_cross_entropy`, the logits never formed whole.
 A trained lm_head whose logits are returned stays apart (its weight's gradient from the logits would
 need an fp32 carrier the size of the weight); the loss pattern still applies to it.
@@ -35,7 +36,7 @@ from .. import constraints as C
 from ..canonicalize import example_value, op_key, place_like
 from ..matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Pattern, module_path
 from ..ops.cross_entropy import (attach_logits_grad, causal_lm_cross_entropy, fused_linear_cross_entropy,
-                                 lm_head_causal_lm_loss)
+                                 gradient_carrier, lm_head_causal_lm_loss)
 
 
 def causal_lm_loss(logits, labels):
@@ -123,8 +124,8 @@ def lm_head_loss_without_logits(hidden, weight, labels, ignore_index, num_items_
 
 def _logits_grad_fixup(position: int):
     def attach(outputs: list) -> None:
-        weight, hidden_fp32 = outputs.pop(), outputs.pop()
-        outputs[position] = attach_logits_grad(outputs[position], hidden_fp32, weight)
+        weight, carrier = outputs.pop(), outputs.pop()
+        outputs[position] = attach_logits_grad(outputs[position], carrier, weight)
     return attach
 
 
@@ -151,18 +152,18 @@ def fuse_lm_head(gm: fx.GraphModule) -> list[str]:
                 fused = gm.graph.call_function(lm_head_causal_lm_loss, args)
                 loss = gm.graph.call_function(operator.getitem, (fused, 0))
                 logits = gm.graph.call_function(operator.getitem, (fused, 1))
-                hidden_fp32 = gm.graph.call_function(operator.getitem, (fused, 2))
+                carrier = gm.graph.call_function(operator.getitem, (fused, 2))
             place_like(n, fused)
             fused.meta["example_value"] = (example_value(n), example_value(linear),
-                                           example_value(hidden).to(torch.float32))
+                                           gradient_carrier(example_value(hidden)))
             loss.meta.update(n.meta)
             logits.meta.update(linear.meta)
-            hidden_fp32.meta["example_value"] = fused.meta["example_value"][2]
+            carrier.meta["example_value"] = fused.meta["example_value"][2]
             linear.replace_all_uses_with(logits)
             # The op's logits take no gradient; the backend gives the returned ones theirs, outside the
-            # compiled graph, through the fp32 hidden and the weight, returned for that.
+            # compiled graph, through the gradient carrier and the weight, returned for that.
             out, position = returned
-            out.args = (type(out.args[0])([*out.args[0], hidden_fp32, weight]),)
+            out.args = (type(out.args[0])([*out.args[0], carrier, weight]),)
             gm.meta.setdefault(OUTPUT_FIXUPS_META, []).append(_logits_grad_fixup(position))
         n.replace_all_uses_with(loss)
         gm.graph.erase_node(n)
