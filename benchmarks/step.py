@@ -444,7 +444,7 @@ def plot(paths: list, png: str, floor: str | None = None) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PERF_SYSTEMS))], PERF_SYSTEMS)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"QLoRA training step, Llama-3-8B shape, NF4 + LoRA r=16 ({runs[0]['device']}, {runs[0]['date']})")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
