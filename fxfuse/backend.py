@@ -32,7 +32,8 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
 from .canonicalize import OPERANDS_META, canon, canonicalize, subgraphs
-from .matcher import OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, apply_match, find_matches, module_path
+from .matcher import (OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, PatternError, apply_match, find_matches,
+                      module_path)
 from .ops.library import (KernelError, describe, disable_hint, failed_kernel, is_kernel_failure, kernel_named_in,
                           note_pattern_ops)
 from .regional import RegionalSummary, compile_regions
@@ -225,8 +226,18 @@ def _explain_unmatched_anchors(gm: fx.GraphModule, patterns: list[Pattern], grap
         for n in gm.graph.nodes:
             c = canon(n) if n.op == "call_function" else None
             if c is not None and c.key in keys and not explained(pattern, n, reach):
-                reason = FLOAT32_REASON if fp32_graph else pattern.anchor_reason
+                reason = FLOAT32_REASON if fp32_graph else _anchor_reason(pattern, n)
                 graph_report.declines.append(Decline(pattern.name, module_path(n), n.name, reason))
+
+
+def _anchor_reason(pattern: Pattern, node: fx.Node) -> str:
+    if isinstance(pattern.anchor_reason, str):
+        return pattern.anchor_reason
+    reason = pattern.anchor_reason(node)
+    if not isinstance(reason, str) or not reason:
+        raise PatternError(f"pattern {pattern.name!r}: anchor_reason({node.name}) returned {reason!r}, "
+                           f"not a non-empty string")
+    return reason
 
 
 FLOAT32_REASON = ("the graph computes in torch.float32 (no bfloat16 or float16 tensor in it): fxfuse's kernels "

@@ -103,6 +103,7 @@ class Pattern:
                  this pattern targets contains. An anchor op left in the graph after rewriting, which no decline
                  already explains, is reported as declined with `anchor_reason`: forms the pattern
                  does not know (DoRA, several adapters) do not match at all, and must still be said.
+    anchor_reason: a string, or `(anchor_node) -> str` to say what is particular to that op (its dtype).
     """
     name: str
     reference: Callable
@@ -115,7 +116,7 @@ class Pattern:
     enabled_by_default: bool = True
     post_pass: Callable[[fx.GraphModule], list[str]] | None = None
     anchor: str | tuple[str, ...] | None = None
-    anchor_reason: str = "not in a form this pattern supports"
+    anchor_reason: str | Callable[[fx.Node], str] = "not in a form this pattern supports"
     _graph: fx.GraphModule | None = field(default=None, repr=False)
     _params: list = field(default_factory=list, repr=False)
 
@@ -131,6 +132,9 @@ class Pattern:
         if self.arguments is None and len(rep_params) != len(self._params):  # passed positionally
             raise PatternError(f"pattern {self.name!r}: replacement takes {len(rep_params)} parameters, "
                                f"the reference {len(self._params)}")
+        if not (isinstance(self.anchor_reason, str) or callable(self.anchor_reason)):
+            raise PatternError(f"pattern {self.name!r}: anchor_reason must be a string or a callable "
+                               f"(anchor node) -> str, not {type(self.anchor_reason).__name__}")
         unknown = set(self.scalars) - set(self._params)
         if unknown:
             raise PatternError(f"pattern {self.name!r}: scalars {sorted(unknown)} are not parameters")

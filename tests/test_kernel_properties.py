@@ -404,9 +404,10 @@ def _assert_within_fp32_summation_bound(name, ours, ref, magnitude, roundings):
 
 @pytest.mark.parametrize("case", ["rank_r_project", "rank_r_weight_grad", "lora_dy_grads"])
 def test_rank_1_max_error_within_the_fp32_summation_bound(poisoned_empty, case):
-    """The rank-1 cases found (the comment above RANK_1_MAX_FACTOR): the RMS error at most 1.25x the stock path's, and every element within
-    the forward-error bound of the documented algorithm (blocks of 32 plus per-program partials, each one fp32
-    rounding; 2 * blocks + 4 covers both), a bar an fp16/bf16 accumulation or a lost block would fail by 2^10."""
+    """The rank-1 cases found (the comment above RANK_1_MAX_FACTOR): the RMS error at most 1.25x the stock
+    path's, and every element within the forward-error bound of the documented algorithm (blocks of 32 plus
+    per-program partials, each one fp32 rounding; 2 * blocks + 4 covers both), a bar an fp16/bf16 accumulation
+    or a lost block would fail by 2^10."""
     if case == "rank_r_project":  # K = 97, 256 rows, bf16: max error 2.43x a nearly rounded GEMV's (RMS 0.85x)
         r, m, k, dtype, scale, seed = 1, 256, 97, torch.bfloat16, 1.0, 16
         _check_rank_r_project(r, m, k, dtype, scale, False, False, False, seed, None)

@@ -200,6 +200,33 @@ def test_pattern_definitions_are_validated():
         Pattern("p", lambda x: x, lambda x: x, lambda: (torch.ones(2),), scalars=("eps",))
     with pytest.raises(PatternError):
         Pattern("", lambda x: x, lambda x: x, lambda: ())
+    with pytest.raises(PatternError, match="anchor_reason"):
+        Pattern("p", lambda x: x, lambda x: x, lambda: (torch.ones(2),), anchor="sigmoid", anchor_reason=3)
+
+
+def _silu_with_anchor(reason):
+    return Pattern("my_silu", lambda x: x * torch.sigmoid(x), lambda x: torch.nn.functional.silu(x),
+                   lambda: (torch.randn(4, 8, dtype=torch.bfloat16),), anchor="sigmoid", anchor_reason=reason)
+
+
+class _SigmoidTwice(torch.nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x) * 2  # not x * sigmoid(x): the anchor is left unmatched
+
+
+def test_a_callable_anchor_reason_says_what_is_particular_to_the_op_left_over():
+    from fxfuse.canonicalize import example_value
+
+    def reason(node):
+        return f"a sigmoid of {tuple(example_value(node.args[0]).shape)}"
+
+    x = torch.randn(3, 7, dtype=torch.bfloat16)
+    rep = fxfuse.explain(_SigmoidTwice(), x, options={"extra_patterns": [_silu_with_anchor(reason)]})
+    assert [(d.pattern, d.reason) for d in rep.declines if d.pattern == "my_silu"] == \
+        [("my_silu", "a sigmoid of (3, 7)")], str(rep)
+    # Dynamo wraps what a backend raises, message kept.
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="PatternError.*not a non-empty string"):
+        fxfuse.explain(_SigmoidTwice(), x, options={"extra_patterns": [_silu_with_anchor(lambda node: None)]})
 
 
 def test_extra_pattern_through_public_api():

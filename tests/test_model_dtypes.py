@@ -10,8 +10,8 @@ model's loss and every LoRA gradient against the uncompiled model and its float6
   LoRA patterns decline fp16 compute (see the README: bitsandbytes dequantizes to the stored dtype, then
   casts) and the rest fires.
 
-The strict xfail records where explain does not yet give the dtype as the reason (a bf16 model with fp16
-4-bit compute gets the generic 4-bit anchor reason).
+A bf16 model whose 4-bit layers compute in fp16 (bnb_4bit_compute_dtype=torch.float16) keeps those layers
+stock, and explain gives the compute dtype as the reason (nf4_lora's anchor reason reads the linear's input).
 """
 from __future__ import annotations
 
@@ -274,14 +274,13 @@ ONE_LAYER_PROJS = [p for p in PROJS if p.startswith("layers.0.")]
 def test_bf16_model_with_fp16_4bit_compute_keeps_the_4bit_layers_stock(bf16_with_fp16_4bit_compute):
     rep = bf16_with_fp16_4bit_compute
     assert rep.counts() == {"rms_norm": 3, "swiglu": 1, "causal_lm_loss": 1}, str(rep)
-    # Each 4-bit layer is reported as declined (the reason: see the xfail below).
+    # Each 4-bit layer is reported as declined (the reason: the next test).
     assert sorted(d.where for d in rep.declines if d.pattern == "nf4_lora") == \
         [p + ".base_layer" for p in ONE_LAYER_PROJS], str(rep)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 gap: a bf16 model with bnb_4bit_compute_dtype=torch.float16 "
-                   "gets nf4_lora's generic anchor reason ('outside PEFT's plain LoRA form ...'), not the "
-                   "compute dtype")
 def test_bf16_model_with_fp16_4bit_compute_is_explained_by_the_compute_dtype(bf16_with_fp16_4bit_compute):
     declined = [d for d in bf16_with_fp16_4bit_compute.declines if d.pattern.startswith("nf4_lora")]
-    assert declined and all("float16" in d.reason for d in declined), str(bf16_with_fp16_4bit_compute)
+    assert len(declined) == len(ONE_LAYER_PROJS), str(bf16_with_fp16_4bit_compute)
+    assert all("computing in torch.float16" in d.reason and "bfloat16 compute only" in d.reason
+               for d in declined), str(bf16_with_fp16_4bit_compute)

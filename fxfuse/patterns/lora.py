@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from .. import constraints as C
-from ..canonicalize import example_value, linear_4bit_info, place_like
+from ..canonicalize import canon, example_value, linear_4bit_info, place_like
 from ..matcher import Pattern, module_path
 from ..ops.nf4_lora import MAX_GROUP_RANK, lora_linear_group, nf4_lora_linear
 from .markers import linear_4bit
@@ -198,6 +198,20 @@ def group_shared_input(gm: fx.GraphModule) -> list[str]:
     return lines
 
 
+def _unmatched_4bit_linear(node: fx.Node) -> str:
+    """explain()'s reason for a 4-bit linear no form matched: its compute dtype when that is not bf16
+    (BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float16) on a bf16 model puts casts around the linear,
+    so the pattern does not even come near), else the forms it does not know."""
+    c = canon(node)
+    x = example_value(c.args[0]) if c is not None and c.args and isinstance(c.args[0], fx.Node) else None
+    if isinstance(x, torch.Tensor) and x.dtype != torch.bfloat16:
+        return (f"a bitsandbytes 4-bit linear computing in {x.dtype} (bnb_4bit_compute_dtype): nf4_lora takes "
+                f"bfloat16 compute only (bitsandbytes dequantizes to the stored dtype, then casts; the graph "
+                f"does not carry the stored dtype): stock path")
+    return ("a bitsandbytes 4-bit linear outside PEFT's plain LoRA form (DoRA, several active adapters, no "
+            "adapter, a graph break inside the layer, or bitsandbytes' inference kernel gemv_4bit): stock path")
+
+
 NF4_LORA = Pattern(
     name="nf4_lora",
     description="PEFT LoRA on a bitsandbytes NF4 Linear4bit (base GEMM, clone, fp32 adapter path, add)",
@@ -209,9 +223,7 @@ NF4_LORA = Pattern(
     post_pass=group_shared_input,
     # bitsandbytes' gemv_4bit: its inference kernel (no grad; on CPU it also repacks the weight).
     anchor=("linear_4bit", "bitsandbytes.gemv_4bit"),
-    anchor_reason=("a bitsandbytes 4-bit linear outside PEFT's plain LoRA form (DoRA, several active "
-                   "adapters, no adapter, a graph break inside the layer, or bitsandbytes' inference "
-                   "kernel gemv_4bit): stock path"),
+    anchor_reason=_unmatched_4bit_linear,
     constraints=(
         _4bit_state,
         # bf16 only: bitsandbytes dequantizes to the weight's stored dtype and then casts to the
