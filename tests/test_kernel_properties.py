@@ -335,6 +335,7 @@ def _check_rank_r_project(r, m, k, dtype, scale, p_transposed, q_transposed, cop
     assert_exact("p @ q", ours, ref, stock, max_factor=max_factor)
     if copy:
         assert torch.equal(copy_to[:, :k], p) and copy_to[:, k:].isnan().all()
+    return [("p @ q", ours, ref, scale * (p.double().abs() @ q.double().abs()), k)]
 
 
 def _check_rank_r_weight_grad(r, n, m, dtype, scale, transpose, p_transposed, seed, max_factor):
@@ -348,6 +349,8 @@ def _check_rank_r_weight_grad(r, n, m, dtype, scale, transpose, p_transposed, se
         assert ours.is_contiguous()
     assert ours.shape == ref.shape and ours.dtype == torch.float32
     assert_exact("weight grad", ours, ref, stock, max_factor=max_factor)
+    magnitude = scale * p.double().abs().t() @ low.double().abs()
+    return [("weight grad", ours, ref, magnitude.t() if transpose else magnitude, m)]
 
 
 def _check_lora_dy_grads(r, m, n, dtype, scale, dy_transposed, copy, seed, max_factor):
@@ -362,6 +365,9 @@ def _check_lora_dy_grads(r, m, n, dtype, scale, dy_transposed, copy, seed, max_f
                  max_factor=max_factor)
     if copy:
         assert torch.equal(copy_to[:, :n], dy) and copy_to[:, n:].isnan().all()
+    d, bd, xd = dy.double(), b.double(), xa.double()
+    return [("dxa", dxa, scale * d @ bd, scale * d.abs() @ bd.abs(), n),
+            ("dB", db, scale * d.t() @ xd, scale * d.abs().t() @ xd.abs(), m)]
 
 
 @_settings(12, fixture=True)
@@ -394,48 +400,29 @@ def test_lora_dy_grads_property(poisoned_empty, rmn, dtype, scale, dy_transposed
     _check_lora_dy_grads(r, m, n, dtype, scale, dy_transposed, copy, seed, _max_factor(r))
 
 
-def _assert_within_fp32_summation_bound(name, ours, ref, magnitude, roundings):
-    """|ours - ref| <= roundings * 2^-24 * magnitude elementwise, `magnitude` = scale * |p| @ |q| in fp64: the
-    classic forward-error bound of a sum with that many fp32 roundings on the longest path, whatever the host."""
-    bound = roundings * 2.0 ** -24 * magnitude
+def _assert_within_fp32_summation_bound(name, ours, ref, magnitude, reduced):
+    """|ours - ref| <= roundings * 2^-24 * magnitude elementwise, `magnitude` = scale * |p| @ |q| in fp64 and
+    roundings = 2 * blocks of 32 + 4 over the `reduced` length (blocks plus per-program partials, each one fp32
+    rounding): the classic forward-error bound of the documented algorithm, whatever the host."""
+    bound = (2 * -(-reduced // 32) + 4) * 2.0 ** -24 * magnitude
     excess = (ours.double() - ref).abs() - bound
     assert not ours.isnan().any() and excess.max() <= 0, f"{name}: over the fp32 summation bound by {excess.max()}"
 
 
-@pytest.mark.parametrize("case", ["rank_r_project", "rank_r_weight_grad", "lora_dy_grads"])
+@pytest.mark.parametrize("case", [
+    # K = 97, 256 rows, bf16: max error 2.43x a nearly rounded GEMV's (RMS 0.85x)
+    lambda: _check_rank_r_project(1, 256, 97, torch.bfloat16, 1.0, False, False, False, 16, None),
+    # N = 256, M = 150 tokens, fp16, p a transposed view: max 1.34x (RMS 0.60x)
+    lambda: _check_rank_r_weight_grad(1, 256, 150, torch.float16, 0.5, False, True, 150, None),
+    # dy 256 x 300, bf16: dxa's max 1.30x (RMS 0.61x)
+    lambda: _check_lora_dy_grads(1, 256, 300, torch.bfloat16, 0.5, False, False, 15, None),
+], ids=["rank_r_project", "rank_r_weight_grad", "lora_dy_grads"])
 def test_rank_1_max_error_within_the_fp32_summation_bound(poisoned_empty, case):
     """The rank-1 cases found (the comment above RANK_1_MAX_FACTOR): the RMS error at most 1.25x the stock
-    path's, and every element within the forward-error bound of the documented algorithm (blocks of 32 plus
-    per-program partials, each one fp32 rounding; 2 * blocks + 4 covers both), a bar an fp16/bf16 accumulation
-    or a lost block would fail by 2^10."""
-    if case == "rank_r_project":  # K = 97, 256 rows, bf16: max error 2.43x a nearly rounded GEMV's (RMS 0.85x)
-        r, m, k, dtype, scale, seed = 1, 256, 97, torch.bfloat16, 1.0, 16
-        _check_rank_r_project(r, m, k, dtype, scale, False, False, False, seed, None)
-        g = torch.Generator().manual_seed(seed)
-        p, q = _activation(g, m, k, dtype, False), _rand(g, k, r)
-        ours, ref = rank_r_project(p, q, scale), scale * (p.double() @ q.double())
-        magnitude, reduced = scale * (p.double().abs() @ q.double().abs()), k
-        checks = [("p @ q", ours, ref, magnitude)]
-    elif case == "rank_r_weight_grad":  # N = 256, M = 150, fp16, p a transposed view: max 1.34x (RMS 0.60x)
-        r, n, m, dtype, scale, seed = 1, 256, 150, torch.float16, 0.5, 150
-        _check_rank_r_weight_grad(r, n, m, dtype, scale, False, True, seed, None)
-        g = torch.Generator().manual_seed(seed)
-        p, low = _activation(g, m, n, dtype, True), _rand(g, m, r)
-        ours, ref = rank_r_weight_grad(p, low, scale), scale * p.double().t() @ low.double()
-        magnitude, reduced = scale * p.double().abs().t() @ low.double().abs(), m
-        checks = [("weight grad", ours, ref, magnitude)]
-    else:  # dy 256 x 300, bf16: dxa's max 1.30x (RMS 0.61x)
-        r, m, n, dtype, scale, seed = 1, 256, 300, torch.bfloat16, 0.5, 15
-        _check_lora_dy_grads(r, m, n, dtype, scale, False, False, seed, None)
-        g = torch.Generator().manual_seed(seed)
-        dy, b, xa = _activation(g, m, n, dtype, False), _rand(g, n, r), _rand(g, m, r)
-        dxa, db = lora_dy_grads(dy, b, xa, scale)
-        d, bd, xd = dy.double(), b.double(), xa.double()
-        checks = [("dxa", dxa, scale * d @ bd, scale * d.abs() @ bd.abs()),
-                  ("dB", db, scale * d.t() @ xd, scale * d.abs().t() @ xd.abs())]
-        reduced = max(m, n)
-    for name, ours, ref, magnitude in checks:
-        _assert_within_fp32_summation_bound(name, ours, ref, magnitude, 2 * -(-reduced // 32) + 4)
+    path's (in the check), and every element within the forward-error bound of the documented algorithm, a
+    bar an fp16/bf16 accumulation or a lost block would fail by 2^10."""
+    for name, ours, ref, magnitude, reduced in case():
+        _assert_within_fp32_summation_bound(name, ours, ref, magnitude, reduced)
 
 
 @_settings(15, fixture=True)
