@@ -63,6 +63,10 @@ def test_sft_trainer_with_fxfuse_backend_without_importing_fxfuse(mode):
     res = sft_run(mode)  # the script asserts that fxfuse is not imported before training
     # TRL's default is gradient_checkpointing=True: each mode sets it, and the model ran the way it says.
     assert res["fxfuse"]["checkpointing"] == res["stock"]["checkpointing"] == (mode == "packed-accum")
+    # With checkpointing TRL (and transformers) install enable_input_require_grads' hook: it is the one
+    # fxfuse_autoload makes Dynamo break at once (tests/test_input_require_grads.py), in both runs.
+    hooks = ["fxfuse_autoload.make_inputs_require_grads"] if mode == "packed-accum" else []
+    assert res["fxfuse"]["embedding_hooks"] == res["stock"]["embedding_hooks"] == hooks
     counts = {k: v for k, v in res["counts"].items() if k in EXPECTED_COUNTS}
     assert counts == EXPECTED_COUNTS, res["counts"]
     assert [d for d in res["declines"] if "no measurement on" not in d] == [], res["declines"]

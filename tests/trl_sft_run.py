@@ -81,7 +81,9 @@ def train(mode: str, compiled: bool) -> dict:
         assert "fxfuse" not in sys.modules, "the test must not import fxfuse before training"
     trainer.train()
     logs = [{k: h.get(k) for k in LOG_KEYS} for h in trainer.state.log_history if "loss" in h]
-    return {"logs": logs, "calls": calls, "checkpointing": model.get_base_model().is_gradient_checkpointing}
+    hooks = model.get_input_embeddings()._forward_hooks.values()
+    return {"logs": logs, "calls": calls, "checkpointing": model.get_base_model().is_gradient_checkpointing,
+            "embedding_hooks": sorted({f"{h.__module__}.{h.__name__}" for h in hooks})}
 
 
 def main():
