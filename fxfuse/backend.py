@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers the custom ops before any graph uses them)
-from .canonicalize import OPERANDS_META, canon, canonicalize, subgraphs
+from .canonicalize import OPERANDS_META, canon, canonicalize, recompile_alone, subgraphs
 from .matcher import (OUTPUT_FIXUPS_META, TOP_LEVEL_META, Decline, Pattern, PatternError, apply_match, find_matches,
                       module_path)
 from .ops.library import (KernelError, describe, disable_hint, failed_kernel, is_kernel_failure, kernel_named_in,
@@ -130,8 +130,8 @@ def _count_nodes(gm: fx.GraphModule) -> int:
 
 def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode=None) -> None:
     """Canonicalize `gm` and apply every pattern, in every transparent subgraph, in place."""
-    notes = []
-    canonicalize(gm, notes, sdpa_causal=current_options().get("attention") != "never")
+    notes, changed = [], set()
+    canonicalize(gm, notes, sdpa_causal=current_options().get("attention") != "never", changed=changed)
     graph_report.post_passes.extend(f"canonical form: {line}" for line in notes)
     graph_report.total_nodes = _count_nodes(gm)
     gm.meta[TOP_LEVEL_META] = True
@@ -154,7 +154,8 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
         if fired:
             _erase_dead_producers(sub.graph, had_users)
             sub.graph.lint()
-            sub.recompile()
+        if fired or sub in changed:
+            recompile_alone(sub)
 
 
 def _erase_dead_producers(graph: fx.Graph, had_users: set) -> None:

@@ -34,7 +34,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["Canon", "canon", "canonicalize", "subgraphs", "outer_source", "example_value", "linear_4bit_info",
-           "Linear4bitSpec", "constant_causal_mask", "sdpa_told_causal", "unrepeated", "module_path"]
+           "Linear4bitSpec", "constant_causal_mask", "sdpa_told_causal", "unrepeated", "module_path",
+           "recompile_alone"]
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,37 @@ def _to_args(node: fx.Node) -> tuple | None:
     return (self, dtype, device)
 
 
+# node.meta keys of memoized views, each stored with the stamp it was computed for.
+_CANON_MEMO = "fxfuse_canon_memo"
+_LINEAR_4BIT_MEMO = "fxfuse_linear_4bit_memo"
+
+
+def _stamp(node: fx.Node) -> tuple:
+    """What a node's canonical view is computed from: FX gives a node new args/kwargs containers
+    whenever an input is replaced, so identical containers mean unchanged inputs. A `getitem` of a
+    higher-order op is read through that op's own inputs (bitsandbytes' 4-bit linear), so they count
+    too; the node itself counts because FX passes copy `meta` from node to node."""
+    src = node.args[0] if node.target is operator.getitem and node.args else None
+    return (node, node.target, node.args, node.kwargs, src.args if isinstance(src, fx.Node) else None)
+
+
+def _memoized(node: fx.Node, meta_key: str, compute):
+    stamp = _stamp(node)
+    hit = node.meta.get(meta_key)
+    if hit is not None and len(hit[0]) == len(stamp) and all(a is b for a, b in zip(hit[0], stamp)):
+        return hit[1]
+    value = compute(node)
+    node.meta[meta_key] = (stamp, value)
+    return value
+
+
 def canon(node: fx.Node) -> Canon | None:
-    """The canonical view of a call node, or None for nodes patterns cannot match."""
+    """The canonical view of a call node, or None for nodes patterns cannot match (memoized per node
+    until its inputs change: the matcher asks for every node's view once per pattern)."""
+    return _memoized(node, _CANON_MEMO, _canon)
+
+
+def _canon(node: fx.Node) -> Canon | None:
     key = op_key(node)
     if key is None:
         return None
@@ -260,6 +290,14 @@ def linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
     needs grad): `autograd_function_apply(...)[0]` is the linear's value."""
     if node.op != "call_function":
         return None
+    return _memoized(node, _LINEAR_4BIT_MEMO, _linear_4bit_info)
+
+
+_GEMM_4BIT_SIGNATURE = None  # inspect.signature(_gemm_4bit_signature), made on first use
+
+
+def _linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
+    global _GEMM_4BIT_SIGNATURE
     if node.target is operator.getitem and node.args[1] == 0 and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     t = node.target
@@ -282,7 +320,9 @@ def linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
     else:
         return None
     try:
-        bound = inspect.signature(_gemm_4bit_signature).bind(*gemm.args, **gemm.kwargs)
+        if _GEMM_4BIT_SIGNATURE is None:
+            _GEMM_4BIT_SIGNATURE = inspect.signature(_gemm_4bit_signature)
+        bound = _GEMM_4BIT_SIGNATURE.bind(*gemm.args, **gemm.kwargs)
     except (AttributeError, TypeError):
         return None
     bound.apply_defaults()
@@ -586,18 +626,40 @@ def sdpa_told_causal(gm: fx.GraphModule) -> list[str]:
     return [f"{len(where)} SDPA call(s) with a mask proven causal told is_causal=True, K and V un-repeated ({shown})"]
 
 
-def canonicalize(gm: fx.GraphModule, notes: list | None = None, sdpa_causal: bool = True) -> int:
+def recompile_alone(gm: fx.GraphModule) -> None:
+    """`gm.recompile()` without regenerating the code of its child graph modules, whose code is current.
+
+    GraphModule.recompile regenerates every child GraphModule too, recursively: at 32 checkpointed
+    layers one recompile of the top graph regenerated ~500 graphs (each layer's body and the
+    bitsandbytes forward and backward bodies inside it)."""
+    gm._recompile_submodules = _no_submodules
+    try:
+        gm.recompile()
+    finally:
+        del gm._recompile_submodules
+
+
+def _no_submodules():
+    return []
+
+
+def canonicalize(gm: fx.GraphModule, notes: list | None = None, sdpa_causal: bool = True,
+                 changed: set | None = None) -> int:
     """Make `gm` (and its transparent HOP bodies) canonical in place. Returns the nodes dropped; lines
-    saying where SDPA was told it is causal go to `notes` (sdpa_causal=False: left as it is)."""
+    saying where SDPA was told it is causal go to `notes` (sdpa_causal=False: left as it is). The graph
+    modules changed are recompiled, or, where a set `changed` is given, added to it for the caller to
+    recompile after its own edits."""
     dropped = 0
     for _, sub in subgraphs(gm):
         n = _drop_noop_casts(sub.graph)
-        if _casts_after_views(sub.graph):
-            sub.recompile()
+        moved = _casts_after_views(sub.graph)
         told = sdpa_told_causal(sub) if sdpa_causal else []
         if notes is not None:
             notes.extend(told)
-        if n or told:
-            sub.recompile()
+        if n or moved or told:
+            if changed is None:
+                recompile_alone(sub)
+            else:
+                changed.add(sub)
         dropped += n
     return dropped

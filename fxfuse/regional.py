@@ -173,6 +173,14 @@ def _view_base(arg, owner: dict, piece: int):
     return None
 
 
+class _PieceModule(fx.GraphModule):
+    """A piece's graph. Its child graph modules are the whole graph's HOP bodies, whose code is current:
+    a plain GraphModule would regenerate all of them (recursively) for every piece."""
+
+    def _recompile_submodules(self):
+        return []
+
+
 def _piece_module(gm: fx.GraphModule, piece: Piece) -> fx.GraphModule:
     graph = fx.Graph()
     env, attrs = {}, {}
@@ -183,7 +191,7 @@ def _piece_module(gm: fx.GraphModule, piece: Piece) -> fx.GraphModule:
         if n.op == "get_attr":
             attrs[n.target] = _fetch(gm, n.target)
     graph.output(tuple(env[o] for o in piece.outputs))
-    return fx.GraphModule(attrs, graph)
+    return _PieceModule(attrs, graph)
 
 
 def _sym(x):
@@ -265,6 +273,30 @@ def _fake(v, fake_mode):
     return fake_mode.from_tensor(v, symbolic_context=symbolic, source=getattr(symbolic, "tensor_source", None))
 
 
+def _same_outputs(first_run, fake_mode):
+    """A piece's outputs without running it, where a piece of the same signature ran before: fresh fake
+    tensors with the metadata of that run's outputs (a layer's twin; the fake run of 32 layers was a
+    second of the first step). None where they could differ in what the next pieces' signatures see: an
+    output that aliases an input or another output, or starts past its storage's offset 0."""
+    if first_run is None:
+        return None
+    first_args, first_outs = first_run
+    seen = {StorageWeakRef(a.untyped_storage()) for a in first_args if isinstance(a, torch.Tensor)}
+    outs = []
+    for o in first_outs:
+        if not isinstance(o, torch.Tensor):
+            outs.append(o)  # a number or a symbol: a function of the inputs' sizes, which are the same
+            continue
+        storage = StorageWeakRef(o.untyped_storage())
+        if storage in seen or o.storage_offset() != 0 or type(o) is not torch._subclasses.FakeTensor:
+            return None
+        seen.add(storage)
+        with fake_mode:
+            fresh = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, layout=o.layout, device=o.device)
+        outs.append(fresh.requires_grad_(o.requires_grad))
+    return outs
+
+
 def _crossing_ok(v) -> bool:
     return isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
@@ -302,22 +334,27 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
     # Run the pieces on fake values first: each one's inputs (strides, requires_grad) come from the
     # pieces before it, and no compile starts unless reuse pays.
     modules, keys = [], []
+    outputs_of: dict = {}  # signature -> the outputs of its first fake run
     for p in pieces:
         module = _piece_module(gm, p)
         args = [env[a] for a in p.inputs]
         if not all(_crossing_ok(a) for a in args):
             summary.reason = "a value that is not a tensor or a number crosses a layer boundary"
             return None
-        keys.append(signature(module, args))
-        try:
-            # As Dynamo and AOTAutograd run ops on fake values: with the Python dispatcher, composite ops
-            # (e.g. the loss's F.pad) decompose symbolically; without it they read sizes as ints and
-            # specialize a symbolic length (a guard, and a recompile for every other length).
-            with fake_mode, enable_python_dispatcher():
-                outs = module(*args)
-        except Exception as exc:  # Dynamo ran these nodes on fake values; if a piece cannot, keep it whole
-            summary.reason = f"piece {len(modules)} did not run on fake values ({type(exc).__name__}: {exc})"
-            return None
+        key = signature(module, args)
+        keys.append(key)
+        outs = _same_outputs(outputs_of.get(key), fake_mode)
+        if outs is None:
+            try:
+                # As Dynamo and AOTAutograd run ops on fake values: with the Python dispatcher, composite
+                # ops (e.g. the loss's F.pad) decompose symbolically; without it they read sizes as ints
+                # and specialize a symbolic length (a guard, and a recompile for every other length).
+                with fake_mode, enable_python_dispatcher():
+                    outs = module(*args)
+            except Exception as exc:  # Dynamo ran these nodes on fake values; if a piece cannot, keep it whole
+                summary.reason = f"piece {len(modules)} did not run on fake values ({type(exc).__name__}: {exc})"
+                return None
+            outputs_of.setdefault(key, (args, outs))
         env.update(zip(p.outputs, outs))
         modules.append((module, args))
     layer_keys = [k for k, p in zip(keys, pieces) if p.layer is not None]

@@ -266,3 +266,38 @@ def test_canonical_views_agree_across_spellings():
     assert len({(v.key, v.args[1:]) for v in views[:3]}) == 1
     assert len({(v.key, v.args[1:]) for v in views[3:6]}) == 1
     assert views[6].args[1:] == views[7].args[1:] == (-1, True, None)
+
+
+def test_recompile_alone_leaves_child_graph_modules_as_they_are():
+    import torch.fx as fx
+    from fxfuse.canonicalize import recompile_alone
+    child = fx.symbolic_trace(lambda x: x + 1)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("child", (x,)))
+    parent = fx.GraphModule({"child": child}, graph)
+    next(n for n in child.graph.nodes if n.op == "call_function").args = (next(iter(child.graph.nodes)), 2)
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        tripled = graph.call_function(torch.mul, (out.args[0], 3))
+    out.args = (tripled,)
+    recompile_alone(parent)
+    x = torch.arange(4.0)
+    assert torch.equal(parent(x), (x + 1) * 3)  # the parent's new code, the child's old code
+    parent.recompile()  # torch's recompile regenerates the child as well
+    assert torch.equal(parent(x), (x + 2) * 3)
+
+
+def test_canonical_views_follow_replaced_inputs():
+    def f(x, y):
+        return (x * 2).pow(2) + y
+
+    gms = []
+    torch.compile(f, backend=lambda gm, ex: gms.append(gm) or gm.forward)(torch.randn(3), torch.randn(3))
+    graph = gms[0].graph
+    pow_ = next(n for n in graph.nodes if n.op in ("call_function", "call_method") and canon(n).key == "pow")
+    mul = pow_.args[0]
+    assert canon(pow_).args[0] is mul and canon(pow_) is canon(pow_)  # memoized
+    y = [n for n in graph.nodes if n.op == "placeholder"][1]
+    mul.replace_all_uses_with(y)
+    assert canon(pow_).args[0] is y

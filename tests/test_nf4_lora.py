@@ -277,6 +277,23 @@ def test_quantization_state_is_read_from_the_graph():
     assert {s.shape for s in specs} == {(64, 64), (32, 64), (128, 64), (64, 128)}
 
 
+def test_a_4bit_linear_view_follows_its_replaced_input():
+    """The canonical view of bitsandbytes' linear (output 0 of an autograd_function_apply) reads the
+    HOP's inputs: replacing one, as a pattern replacing the norm before it does, shows in the view."""
+    model, _ = build(layers=1, checkpointing=True, twin=False)
+    gms = []
+    torch.compile(model, backend=lambda gm, ex: gms.append(gm) or gm.forward)(**batch())
+    from fxfuse.canonicalize import canon, subgraphs
+    sub, out = next((sub, n) for gm in gms for _, sub in subgraphs(gm) for n in sub.graph.nodes
+                    if n.op == "call_function" and (c := canon(n)) is not None and c.key == "linear_4bit")
+    x, hop = canon(out).args[0], out.args[0]
+    assert linear_4bit_info(out).x is x
+    with sub.graph.inserting_before(hop):
+        other = sub.graph.call_method("clone", (x,))
+    hop.replace_input_with(x, other)
+    assert canon(out).args[0] is other and linear_4bit_info(out).x is other
+
+
 def test_ops_opcheck():
     model, _ = build(layers=1, twin=False, **ODD)
     mods = [model.get_submodule(f"base_model.model.model.layers.0.mlp.{n}") for n in ("gate_proj", "up_proj")]

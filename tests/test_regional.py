@@ -146,6 +146,40 @@ def _graph(layer_paths, extra=None):
     return fx.GraphModule(torch.nn.Module(), g)
 
 
+def test_a_repeated_layer_runs_on_fake_values_once(monkeypatch):
+    """A piece whose signature ran on fake values already is not run again: the first run's output
+    metadata stands in. The results stay bit-equal to the whole graph's."""
+    stood_in = []
+    same_outputs = regional._same_outputs
+    monkeypatch.setattr(regional, "_same_outputs", lambda *a: stood_in.append(same_outputs(*a)) or stood_in[-1])
+    model, _ = build(layers=3, checkpointing=True, twin=False)
+    model.enable_input_require_grads()
+    inputs = batch(seed=4, t=11)
+    whole = _run(model, inputs, {"inner": "aot_eager", "regional": False})
+    stood_in.clear()
+    cut = _run(model, inputs, {"inner": "aot_eager"})
+    summary = _regional(cut[3])
+    assert summary.layers == 3 and summary.compiled == 3
+    assert sum(s is not None for s in stood_in) == 2  # layers 1 and 2, after layer 0
+    _assert_same(whole, cut)
+
+
+def test_stand_in_outputs_keep_the_metadata_and_refuse_aliases():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    with mode:
+        a = torch.empty(4, 6, requires_grad=True)
+        out = (a * 2).t()  # strides (1, 6), requires grad
+        view, tail = a.view(24), torch.empty(10)[2:]
+    got = regional._same_outputs(([a], [out, 3]), mode)
+    assert got[1] == 3 and got[0] is not out and isinstance(got[0], torch._subclasses.FakeTensor)
+    assert (got[0].shape, got[0].stride(), got[0].dtype, got[0].requires_grad) == ((6, 4), (1, 6), out.dtype, True)
+    assert regional._same_outputs(None, mode) is None  # nothing ran yet
+    assert regional._same_outputs(([a], [view]), mode) is None  # an output aliasing an input
+    assert regional._same_outputs(([a], [out, out]), mode) is None  # two outputs aliasing each other
+    assert regional._same_outputs(([a], [tail]), mode) is None  # past its storage's start
+
+
 def test_plan_cuts_before_between_and_after_layers():
     gm = _graph(["embed", "layers.0.mlp", "layers.0", "layers.1.mlp", "layers.1", "norm"])
     pieces = plan(gm)
