@@ -347,6 +347,8 @@ def run_system(system: str, args) -> dict:
         names, values = compile_times(repr="csv", aggregate=True)
         out["dynamo_phases_s"] = {n: float(v) for n, v in zip(names, values)}
         out["regional"] = [str(g.regional) for g in graphs]
+        out["graph_compile_s"] = [{"inner_forward": g.inner_compile_s, "pieces": getattr(g.regional, "compile_s", None)}
+                                  for g in graphs]
     return out
 
 
@@ -387,6 +389,27 @@ def add_loss_deviations(results: list) -> None:
         devs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
         r["loss_dev_vs_float64"] = devs
         r["max_loss_dev_vs_float64"] = max(devs) if devs else None
+
+
+def merge(paths: list, out_path: str) -> None:
+    """Join runs of one setting into one JSON (systems in SYSTEMS' order), as if run in one call: a 32-layer
+    Inductor compile and the float64 reference do not fit in one 10-minute device call with the rest."""
+    runs = [json.load(open(p)) for p in paths]
+    if len({(r["device"], r["torch"], r["setting"]) for r in runs}) != 1:
+        raise SystemExit("--merge: the runs differ in device, torch or setting: "
+                         + "; ".join(f"{p}: {r['device']}, {r['torch']}, {r['setting']}" for p, r in zip(paths, runs)))
+    results = [dict(r) for run in runs for r in run["results"]]
+    names = [r["system"] for r in results]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--merge: a system appears twice: {names}")
+    results.sort(key=lambda r: SYSTEMS.index(r["system"]))
+    add_loss_deviations(results)
+    out = {**{k: runs[0][k] for k in ("device", "torch", "setting")},
+           "date": " / ".join(sorted({r["date"] for r in runs})), "merged_from": [os.path.basename(p) for p in paths],
+           "results": results}
+    with open(out_path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(table(results))
 
 
 def table(results: list) -> str:
@@ -470,11 +493,16 @@ def main():
     ap.add_argument("--json", default=os.path.join(HERE, "results", "step.json"))
     ap.add_argument("--results-md", default=None, help="append a dated section with the table here")
     ap.add_argument("--plot", nargs="*", help="draw the chart from these JSON files and exit")
+    ap.add_argument("--merge", nargs="*", help="join these JSON files of one setting (systems run in several "
+                    "device calls) into --json, with the loss deviations and the table, and exit")
     ap.add_argument("--png", default=os.path.join(HERE, "results", "step.png"))
     ap.add_argument("--floor", default=None, help="with --plot: benchmarks/step_floor.py's JSON, drawn as a line")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot, args.png, args.floor)
+        return
+    if args.merge:
+        merge(args.merge, args.json)
         return
     if args.child:
         print("RESULT " + json.dumps(run_system(args.child, args)), flush=True)

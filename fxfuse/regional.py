@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,11 +75,16 @@ class RegionalSummary:
     compiled: int = 0  # distinct pieces compiled: the rest reused one of them
     reason: str = ""  # why the graph was compiled whole ("" when it was cut)
     offload: "LayerInputOffload | None" = None  # None: the layers' saved inputs stay on the device
+    # (piece, seconds) per compile, forward only (the backward compiles at the first backward): the piece
+    # is the layer it holds, or where it sits ("before layers.0", "after layers.31")
+    compile_s: list = field(default_factory=list)
 
     def __str__(self) -> str:
         if self.reason:
             return f"compiled whole: {self.reason}"
         text = f"{self.layers} layers in {self.pieces} pieces, {self.compiled} compiled (each repeated layer once)"
+        if self.compile_s:
+            text += "; forward compiles: " + ", ".join(f"{where} {s:.1f} s" for where, s in self.compile_s)
         return text + (f"; {self.offload}" if self.offload is not None else "")
 
 
@@ -364,16 +370,26 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list, compile_piece: Cal
                           f"compiles (before and after the layers) from {MIN_REUSES}")
         return None
     compiled: dict = {}
-    for key, (module, args) in zip(keys, modules):
+    for i, (key, (module, args)) in enumerate(zip(keys, modules)):
         if key not in compiled:
+            start = time.perf_counter()
             # Each compile in a tracing context of its own, as if Dynamo had handed over the piece as
             # a graph: AOTAutograd keeps a piece's metadata there for compiling its backward later.
             with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
                 compiled[key] = _Compiled(compile_piece(module, args))
+            summary.compile_s.append((_where(pieces, i), time.perf_counter() - start))
     summary.pieces, summary.layers, summary.compiled = len(pieces), len(layer_keys), len(compiled)
     if offload and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         summary.offload = LayerInputOffload()
     return _calling_graph(gm, pieces, [compiled[k] for k in keys], summary.offload)
+
+
+def _where(pieces: list[Piece], i: int) -> str:
+    if pieces[i].layer is not None:
+        return pieces[i].layer
+    before = next((p.layer for p in pieces[i + 1:] if p.layer is not None), None)
+    after = next((p.layer for p in reversed(pieces[:i]) if p.layer is not None), None)
+    return " and ".join(([f"after {after}"] if after else []) + ([f"before {before}"] if before else [])) or "no layer"
 
 
 def _calling_graph(gm: fx.GraphModule, pieces: list[Piece], compiled: list[_Compiled],

@@ -57,6 +57,9 @@ def test_layers_compiled_once_and_results_bit_equal(checkpointing):
     cut = _run(model, inputs, {"inner": "aot_eager"})
     summary = _regional(cut[3])
     assert (summary.layers, summary.compiled) == (2, summary.pieces - 1)  # before, one layer, after
+    assert [where for where, _ in summary.compile_s] == ["before layers.0", "layers.0", "after layers.1"]
+    assert all(s > 0 for _, s in summary.compile_s)
+    assert "forward compiles: before layers.0 " in str(summary)
     whole_graphs = sum(1 for g in cut[3].graphs if g.regional.reason)
     assert counters["aot_autograd"]["total"] - before == summary.compiled + whole_graphs
     assert cut[3].counts() == whole[3].counts()  # the rewrite is the same: only the compile is cut

@@ -58,3 +58,39 @@ def test_float64_reference_and_deviation_fields(args):
     assert eager["max_loss_dev_vs_float64"] == max(eager["loss_dev_vs_float64"]) < 1e-3
     md = step.table(results)
     assert "max loss dev vs float64" in md and "| float64 |" in md and "reference" in md
+
+
+def _run_json(path, systems, setting="1 layers, 2 x 32, checkpointing on", date="2026-12-04"):
+    import json
+    results = [{"system": s, "losses": [10.0 + i, 9.0 + i], "median_step_ms": 100.0 + i, "tokens_per_s": 1.0,
+                "first_step_s": 1.0, "peak_gib": None, "model_gib": None, "steady_gib": None}
+               for i, s in systems]
+    with open(path, "w") as fh:
+        json.dump({"device": "cpu", "date": date, "torch": torch.__version__, "setting": setting,
+                   "results": results}, fh)
+    return str(path)
+
+
+def test_merge_joins_runs_of_one_setting(tmp_path, capsys):
+    import json
+    a = _run_json(tmp_path / "a.json", [(0.0, "fxfuse"), (0.0, "float64")])
+    b = _run_json(tmp_path / "b.json", [(1.0, "inductor"), (0.5, "eager")], date="2026-12-05")
+    out = str(tmp_path / "merged.json")
+    step.merge([a, b], out)
+    merged = json.load(open(out))
+    assert [r["system"] for r in merged["results"]] == ["eager", "inductor", "fxfuse", "float64"]
+    assert merged["date"] == "2026-12-04 / 2026-12-05" and merged["merged_from"] == ["a.json", "b.json"]
+    devs = {r["system"]: r.get("max_loss_dev_vs_float64") for r in merged["results"]}
+    assert devs == {"eager": pytest.approx(0.5 / 9.0), "inductor": pytest.approx(1.0 / 9.0), "fxfuse": 0.0,
+                    "float64": None}
+    assert "| inductor | 101.0 |" in capsys.readouterr().out
+
+
+def test_merge_refuses_other_settings_and_a_system_twice(tmp_path):
+    a = _run_json(tmp_path / "a.json", [(0.0, "fxfuse")])
+    other = _run_json(tmp_path / "b.json", [(0.0, "eager")], setting="1 layers, 2 x 32, checkpointing off")
+    with pytest.raises(SystemExit, match="differ in device, torch or setting"):
+        step.merge([a, other], str(tmp_path / "m.json"))
+    again = _run_json(tmp_path / "c.json", [(0.0, "fxfuse")])
+    with pytest.raises(SystemExit, match="appears twice"):
+        step.merge([a, again], str(tmp_path / "m.json"))
