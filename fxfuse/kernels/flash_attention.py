@@ -385,7 +385,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG, AM, AMX, COS, SI
                 p_t = tl.exp(s_t - lse[None, :])
                 dv += _dot_f32(p_t, do, FP32_DOT)
                 dp_t = _dot_lowp(v, tl.trans(do), FP32_DOT)
-                ds_t = p_t * (dp_t - delta[None, :])
+                # Where p = 1 (a row that sees one key) the exact dS is 0, but this dP and the dq kernel's,
+                # which delta sums, are two dots rounded apart: their difference would leave ~1e-7 |dP|
+                # where the stock softmax backward gives exactly 0. Elsewhere in such a row p < 2^-24.
+                ds_t = tl.where(p_t == 1.0, 0.0, p_t * (dp_t - delta[None, :]))
                 dk += _dot_f32(ds_t, q, FP32_DOT)
     dk = dk * scale
     out_offs = (bhk.to(tl.int64) * S + offs_n.to(tl.int64))[:, None] * D + offs_d[None, :]
