@@ -22,6 +22,7 @@ Kept outside the `fxfuse` package so that torch's start-up does not import fxfus
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -57,6 +58,7 @@ def make_inputs_require_grads(module, input, output) -> None:
 
 
 def _enable_input_require_grads_wrapper(original):
+    @functools.wraps(original)
     def enable_input_require_grads(self):
         original(self)
         for handle in getattr(self, "_require_grads_hooks", None) or ():
@@ -66,8 +68,6 @@ def _enable_input_require_grads_wrapper(original):
             if getattr(hook, "__name__", None) == "make_inputs_require_grads" and hook is not make_inputs_require_grads:
                 hooks[handle.id] = make_inputs_require_grads
 
-    enable_input_require_grads.__wrapped__ = original
-    enable_input_require_grads.__doc__ = original.__doc__
     enable_input_require_grads.fxfuse_patched = True
     return enable_input_require_grads
 

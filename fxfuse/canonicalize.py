@@ -168,7 +168,7 @@ def _stamp(node: fx.Node) -> tuple:
 def _memoized(node: fx.Node, meta_key: str, compute):
     stamp = _stamp(node)
     hit = node.meta.get(meta_key)
-    if hit is not None and len(hit[0]) == len(stamp) and all(a is b for a, b in zip(hit[0], stamp)):
+    if hit is not None and all(a is b for a, b in zip(hit[0], stamp)):
         return hit[1]
     value = compute(node)
     node.meta[meta_key] = (stamp, value)
@@ -293,11 +293,7 @@ def linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
     return _memoized(node, _LINEAR_4BIT_MEMO, _linear_4bit_info)
 
 
-_GEMM_4BIT_SIGNATURE = None  # inspect.signature(_gemm_4bit_signature), made on first use
-
-
 def _linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
-    global _GEMM_4BIT_SIGNATURE
     if node.target is operator.getitem and node.args[1] == 0 and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     t = node.target
@@ -320,8 +316,6 @@ def _linear_4bit_info(node: fx.Node) -> Linear4bitSpec | None:
     else:
         return None
     try:
-        if _GEMM_4BIT_SIGNATURE is None:
-            _GEMM_4BIT_SIGNATURE = inspect.signature(_gemm_4bit_signature)
         bound = _GEMM_4BIT_SIGNATURE.bind(*gemm.args, **gemm.kwargs)
     except (AttributeError, TypeError):
         return None
@@ -359,6 +353,9 @@ _UNKNOWN = object()
 def _gemm_4bit_signature(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
                          absmax_code=None, absmax_offset=None):
     """bitsandbytes::gemm_4bit's schema, as a Python signature to bind graph arguments to."""
+
+
+_GEMM_4BIT_SIGNATURE = inspect.signature(_gemm_4bit_signature)
 
 
 def _is_gemm_4bit(t) -> bool:

@@ -181,7 +181,8 @@ def _view_base(arg, owner: dict, piece: int):
 
 class _PieceModule(fx.GraphModule):
     """A piece's graph. Its child graph modules are the whole graph's HOP bodies, whose code is current:
-    a plain GraphModule would regenerate all of them (recursively) for every piece."""
+    a plain GraphModule would regenerate all of them (recursively) for every piece, as its constructor
+    recompiles (after that, `canonicalize.recompile_alone` does the same for any graph module)."""
 
     def _recompile_submodules(self):
         return []
