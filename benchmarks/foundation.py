@@ -57,7 +57,7 @@ def part_grad(args) -> dict:
     import fxfuse
     from fxfuse.testing import assert_exact, error_of
     from qlora_llama import batch, lora_grads
-    model, twin = _build(args.layers, True, True)
+    model, twin = _build(args.layers, args.checkpointing, True)
     inputs = batch(vocab=_vocab(), b=args.batch, t=args.grad_seq, seed=1, device=DEVICE)
     ref = lora_grads(twin, inputs)
     del twin
@@ -75,6 +75,7 @@ def part_grad(args) -> dict:
     ratios = [r["ratio"] for r in rows]
     from fxfuse.backend import DEFAULT_INNER
     return {"part": "grad", "inner": DEFAULT_INNER, "layers": args.layers, "batch": args.batch, "seq": args.grad_seq,
+            "checkpointing": args.checkpointing, "post_passes": fxfuse.last_report().post_passes,
             "params_checked": len(rows), "failures": failures, "worst_ratio": max(ratios),
             "median_ratio": statistics.median(ratios), "rms_norm_fired": fxfuse.last_report().counts().get("rms_norm", 0),
             "report": str(fxfuse.last_report())}
@@ -116,7 +117,7 @@ def part_step(args, variant) -> dict:
 def _child(part, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--layers", str(args.layers),
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--grad-seq", str(args.grad_seq)]
+           "--grad-seq", str(args.grad_seq)] + ([] if args.checkpointing else ["--no-checkpointing"])
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(p.stderr[-3000:])
@@ -142,9 +143,10 @@ def write_results(results: list, path: str) -> None:
         if r.get("error"):
             lines.append(f"- `{r['part']}` failed: `{r['error'][-300:]!r}`")
     for grad in [r for r in results if r["part"] == "grad" and "error" not in r]:
+        ckpt = "on" if grad.get("checkpointing", True) else "off"
         lines.append(f"Inner compiler `{grad.get('inner', 'default')}`. "
                      f"Whole-model gradient check, {grad['layers']}-layer Llama-3-8B-shaped QLoRA (NF4 double "
-                     f"quant, LoRA r=16 on all linears, checkpointing), batch {grad['batch']} x {grad['seq']}: "
+                     f"quant, LoRA r=16 on all linears, checkpointing {ckpt}), batch {grad['batch']} x {grad['seq']}: "
                      f"{grad['params_checked']} LoRA gradients, RMS error ratio to the stock bf16 path "
                      f"median {grad['median_ratio']:.3f}, worst {grad['worst_ratio']:.3f} (bound 1.25): "
                      f"{'PASS' if not grad['failures'] else 'FAIL'}; RMSNorm fired {grad['rms_norm_fired']}x.\n")
@@ -194,6 +196,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--grad-seq", type=int, default=1024)
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                    help="the grad part without gradient checkpointing (the step parts always checkpoint)")
     ap.add_argument("--report", nargs="*", default=None,
                     help="only write RESULTS.md from these JSON files (runs split over several calls)")
     ap.add_argument("--steps", type=int, default=10)

@@ -148,6 +148,8 @@ def rewrite(gm: fx.GraphModule, patterns: list[Pattern], graph_report, fake_mode
             if matches:
                 fired.append(pattern)
         _explain_unmatched_anchors(sub, patterns, graph_report)
+        if fired:  # the post passes count a value's users: not the replaced regions' dead producers
+            _erase_dead_producers(sub.graph, had_users)
         for pattern in fired:
             if pattern.post_pass is not None:
                 graph_report.post_passes.extend(f"{pattern.name}: {line}" for line in pattern.post_pass(sub))

@@ -369,6 +369,8 @@ _TRANSPARENT_HOPS = {"tag_activation_checkpoint", "wrap", "wrap_with_autocast", 
 
 # GraphModule.meta key: a transparent HOP body's placeholders -> the operands the HOP call passes them.
 OPERANDS_META = "fxfuse_operands"
+# GraphModule.meta key: the names of the HOPs around a body, outermost first.
+ENCLOSING_HOPS_META = "fxfuse_enclosing_hops"
 
 
 def subgraphs(gm: fx.GraphModule, _prefix: str = ""):
@@ -389,7 +391,14 @@ def subgraphs(gm: fx.GraphModule, _prefix: str = ""):
                 operands = node.args[at + 1:]
                 if len(placeholders) == len(operands):
                     body.meta[OPERANDS_META] = dict(zip(placeholders, operands))
+                body.meta[ENCLOSING_HOPS_META] = gm.meta.get(ENCLOSING_HOPS_META, ()) + (node.target.name(),)
                 yield from subgraphs(body, f"{_prefix}{body_ref.target}.")
+
+
+def under_checkpoint(gm: fx.GraphModule) -> bool:
+    """Whether `gm` is (within) the body of an activation checkpoint, as `subgraphs` last walked it: what
+    its nodes save for the backward then lives only while its own region is recomputed and run backward."""
+    return "tag_activation_checkpoint" in gm.meta.get(ENCLOSING_HOPS_META, ())
 
 
 def outer_source(node: Any) -> Any:

@@ -301,8 +301,41 @@ def test_ops_opcheck():
     args = [_op_args(m) for m in mods]
     col = lambda i: [a[i] for a in args]  # noqa: E731
     for k in (1, 2):  # one projection, and a group of two
-        op_args = (x, *[col(i)[:k] for i in range(7)], None, args[0][7], "nf4", col(9)[:k], 72, 64, args[0][12])
+        op_args = (x, *[col(i)[:k] for i in range(7)], None, args[0][7], "nf4", col(9)[:k], 72, 64, args[0][12], "none")
         torch.library.opcheck(torch.ops.fxfuse.lora_linear.default, op_args)
+    down = _op_args(model.get_submodule("base_model.model.model.layers.0.mlp.down_proj"))
+    y = torch.randn(2, 5, 2 * 200, dtype=torch.bfloat16, requires_grad=True)
+    op_args = (y, *[[t] for t in down[:7]], None, down[7], "nf4", [down[9]], 200, 64, down[12], "swiglu_halves")
+    torch.library.opcheck(torch.ops.fxfuse.lora_linear.default, op_args)
+
+
+@pytest.mark.parametrize("tokens", [(2, 9), (1, 37)], ids=["2x9", "1x37"])
+def test_down_projection_of_the_gate_up_output_is_the_two_ops_bit_for_bit_and_saves_no_h(tokens):
+    """activation="swiglu_halves": the op is `swiglu_halves` then the projection, bit for bit (output, the
+    gradient of [gate | up], dA, dB), and what it saves for the backward holds no tensor of h's size."""
+    from fxfuse.ops.swiglu import swiglu_halves
+    model, _ = build(layers=1, twin=False, **ODD)
+    mod = model.get_submodule("base_model.model.model.layers.0.mlp.down_proj")
+    args = _op_args(mod)
+    inter = mod.base_layer.weight.quant_state.shape[1]
+    g = torch.Generator().manual_seed(17)
+    y = torch.randn(*tokens, 2 * inter, generator=g).to(torch.bfloat16).requires_grad_()
+    a, b = mod.lora_A.default.weight, mod.lora_B.default.weight
+
+    two = nf4_lora_linear(swiglu_halves(y), *args)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.shape) or t, lambda t: t):
+        one = nf4_lora_linear(y, *args, activation="swiglu_halves")
+    dout = torch.randn(two.shape, generator=g).to(torch.bfloat16)
+    grads_two = torch.autograd.grad(two, (y, a, b), dout)
+    grads_one = torch.autograd.grad(one, (y, a, b), dout)
+    assert torch.equal(one, two)
+    for name, o, t in zip(("d[gate|up]", "dA", "dB"), grads_one, grads_two):
+        assert not o.isnan().any() and torch.equal(o, t), name
+    h_shape = (*tokens, inter)
+    assert tuple(y.shape) in [tuple(s) for s in sizes] and h_shape not in [tuple(s) for s in sizes], sizes
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nf4_lora_linear(y, *args, activation="gelu")
 
 
 def test_every_4bit_linear_fires_or_is_declined_in_eval_mode():

@@ -467,10 +467,17 @@ def test_overlapping_halves_are_refused():
     swiglu_backward(dh, gate, up, d_gate_out=buf[:, :72], d_up_out=buf[:, 72:])  # disjoint halves
 
 
-def test_qlora_llama_reads_the_grouped_gate_up_output_whole():
+DOWN_READS_GATE_UP = ("swiglu: the down projection at layers.0.mlp.down_proj reads the gate,up output and forms "
+                      "silu(gate) * up again in its backward (not saved)")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_qlora_llama_reads_the_grouped_gate_up_output_whole(checkpointing):
     # nf4_lora groups gate_proj+up_proj into one output; the SwiGLU post pass then reads it whole, and
     # every LoRA gradient stays exact (the gradient of y arrives in one buffer, no concatenation).
-    report = check_compiled_gradients(False, OPTIONS, layers=1)
+    # Outside a checkpoint down_proj reads that output too, and h is not saved; inside one it is left.
+    report = check_compiled_gradients(checkpointing, OPTIONS, layers=1)
     assert report.counts() == {"rms_norm": 3, "nf4_lora": 7, "swiglu": 1, "causal_lm_loss": 1}, str(report)
     assert "swiglu: reads the grouped gate,up output at layers.0.mlp in place (its gradient in one buffer)" \
         in report.post_passes, str(report)
+    assert (DOWN_READS_GATE_UP in report.post_passes) == (not checkpointing), str(report)

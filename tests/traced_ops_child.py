@@ -49,8 +49,8 @@ def _nf4(n):
             _meta(-(-n * K // 64 // 256), dtype=torch.float32), _meta(256), _meta(()))
 
 
-def case_lora(sizes, quant):
-    x = _meta(M, K, dtype=torch.bfloat16, grad=True)
+def case_lora(sizes, quant, activation="none"):
+    x = _meta(M, 2 * K if activation == "swiglu_halves" else K, dtype=torch.bfloat16, grad=True)
     a = [_meta(R, K, grad=True) for _ in sizes]
     b = [_meta(n, R, grad=True) for n in sizes]
     if quant == "none":
@@ -69,7 +69,7 @@ def case_lora(sizes, quant):
         st = [[None if t is None else next(it) for t in s] for s in state]
         a_ = [next(it) for _ in sizes]
         b_ = [next(it) for _ in sizes]
-        return lora_linear_group(x_, w_, *st, a_, b_, None, 2.0, quant, list(sizes), K, 64, 256)
+        return lora_linear_group(x_, w_, *st, a_, b_, None, 2.0, quant, list(sizes), K, 64, 256, activation)
     return fn, flat
 
 
@@ -121,6 +121,33 @@ def trace(fn, inputs) -> dict:
     return {"launches": launches, "opaque": opaque, "in_place": in_place}
 
 
+def saved_for_backward(fn, inputs) -> list[dict]:
+    """What the forward saves for the backward under the partitioner Inductor uses (min-cut
+    rematerialization): each tensor beyond the op's output, whether it is a graph input, its dtype, and
+    whether its leading dimension is the (symbolic) token count."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    graphs = []
+
+    def compiler(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    out = aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, dynamic=True,
+                       partition_fn=min_cut_rematerialization_partition)(*inputs)
+    out.sum().backward()
+    (outputs,) = [n.args[0] for n in graphs[0].graph.nodes if n.op == "output"]
+    views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+    saved = []
+    for n in outputs[1:]:
+        val = n.meta.get("val")
+        base = n
+        while base.op == "call_function" and base.target in views:
+            base = base.args[0]
+        if isinstance(val, torch.Tensor):
+            saved.append({"name": n.name, "input": base.op == "placeholder", "dtype": str(val.dtype),
+                          "token_sized": val.dim() > 0 and not isinstance(val.shape[0], int)})
+    return saved
+
+
 def main():
     cases = {
         "lora nf4": case_lora([1000], "nf4"),
@@ -128,8 +155,12 @@ def main():
         "lora nf4 group": case_lora([1000, 520], "nf4"),
         "lora nf4 wide group": case_lora([1100, 1100], "nf4"),
         "lora plain base": case_lora([1000], "none"),
+        "lora nf4 down of swiglu": case_lora([300], "nf4", "swiglu_halves"),
     }
-    print("RESULT " + json.dumps({name: trace(*c) for name, c in cases.items()}))
+    result = {name: trace(*c) for name, c in cases.items()}
+    for name in ("lora nf4 narrowing", "lora nf4 down of swiglu"):
+        result[name]["saved"] = saved_for_backward(*cases[name])
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

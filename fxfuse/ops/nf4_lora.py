@@ -29,6 +29,9 @@ backward the two dx terms) separately; here the frozen product, by far the large
 rounded on its own, so each output is at least as accurate (tests/test_nf4_lora.py measures both
 against float64).
 
+down_proj of a SwiGLU MLP can take [gate | up] instead of its input (`activation`, see ACTIVATIONS):
+its input, the MLP's widest saved activation but one, is then not kept for the backward.
+
 Both ops are registered through `library.triton_op_or_custom_op`: on the GPU torch.compile traces into
 them and Inductor launches their kernels (no Python per call at run time, but for `frozen_addmm_`).
 """
@@ -42,9 +45,10 @@ from torch import Tensor
 from ..kernels.lora_matmul import (MAX_RANK, lora_dy_can_copy, lora_dy_grads, lora_outer, rank_r_project,
                                    rank_r_weight_grad, split_columns_)
 from ..kernels.nf4 import dequantize_4bit_stacked
+from . import swiglu as _swiglu_ops  # noqa: F401  (registers fxfuse::swiglu_halves, which `activation` calls)
 from .library import triton_op_or_custom_op
 
-__all__ = ["nf4_lora_linear", "lora_linear_group", "MAX_GROUP_RANK"]
+__all__ = ["nf4_lora_linear", "lora_linear_group", "MAX_GROUP_RANK", "ACTIVATIONS"]
 
 # The sum of the ranks of a group: the rank-r kernels' tile limit.
 MAX_GROUP_RANK = MAX_RANK
@@ -93,6 +97,25 @@ def _extend_backward(quant_type, dtype, out_features, in_features, lora_A) -> bo
             and in_features > out_features[0] and lora_dy_can_copy(lora_A[0].shape[0]))
 
 
+# What the op's input is. "none": x itself. "swiglu_halves": y = [gate | up] of a grouped gate,up projection,
+# and x = silu(gate) * up (down_proj's input). Then the op saves y, which the SwiGLU's backward needs anyway,
+# instead of x: x (the MLP's intermediate size wide, a fifth of a Llama layer's saved activations
+# without checkpointing) is formed again in the backward, for dA only, and freed before dx is allocated; the
+# gradient of y comes out through the SwiGLU's backward. Bit for bit the results of the two ops in a row
+# (the SwiGLU kernel is deterministic), at the cost of one more SwiGLU forward per backward.
+ACTIVATIONS = ("none", "swiglu_halves")
+
+
+def _activated(x: Tensor, activation: str, after: Optional[Tensor] = None) -> Tensor:
+    """The projections' input from the op's input. In a backward, `after` is a tensor of that backward
+    (fxfuse::swiglu_halves_again says why)."""
+    if activation == "none":
+        return x
+    if activation == "swiglu_halves":
+        return torch.ops.fxfuse.swiglu_halves(x) if after is None else torch.ops.fxfuse.swiglu_halves_again(x, after)
+    raise ValueError(f"lora_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 def _block_diag(mats):
     return mats[0] if len(mats) == 1 else torch.block_diag(*mats)
 
@@ -129,8 +152,8 @@ def _(out, a, b):
 
 
 def _forward_fake(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type,
-                  out_features, in_features, blocksize, blocksize2):
-    m = x.numel() // in_features
+                  out_features, in_features, blocksize, blocksize2, activation):
+    m = x.numel() // x.shape[-1]
     return (x.new_empty(*x.shape[:-1], sum(out_features)),
             x.new_empty(m, sum(a.shape[0] for a in lora_A), dtype=torch.float32))
 
@@ -140,7 +163,8 @@ def lora_linear_op(x: Tensor, weights: list[Tensor], absmax: list[Optional[Tenso
                    absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]], offset: list[Optional[Tensor]],
                    lora_A: list[Tensor], lora_B: list[Tensor], bias: Optional[Tensor], scaling: float,
                    quant_type: str, out_features: list[int], in_features: int, blocksize: int,
-                   blocksize2: int) -> tuple[Tensor, Tensor]:
+                   blocksize2: int, activation: str) -> tuple[Tensor, Tensor]:
+    x = _activated(x, activation)
     x2 = x.reshape(-1, in_features)
     a_cat = _cat(lora_A)
     if _extend_forward(quant_type, x.dtype, bias, out_features, in_features):
@@ -164,7 +188,7 @@ def lora_linear_op(x: Tensor, weights: list[Tensor], absmax: list[Optional[Tenso
 
 
 def _backward_fake(dy, x, xa, weights, absmax, absmax2, code2, offset, lora_A, lora_B, scaling, quant_type,
-                   out_features, in_features, blocksize, blocksize2, need_dx):
+                   out_features, in_features, blocksize, blocksize2, activation, need_dx):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0), [torch.empty_like(a) for a in lora_A],
             [torch.empty_like(b) for b in lora_B])
 
@@ -174,15 +198,16 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Ten
                             absmax2: list[Optional[Tensor]], code2: list[Optional[Tensor]],
                             offset: list[Optional[Tensor]], lora_A: list[Tensor], lora_B: list[Tensor],
                             scaling: float, quant_type: str, out_features: list[int], in_features: int,
-                            blocksize: int, blocksize2: int, need_dx: bool
+                            blocksize: int, blocksize2: int, activation: str, need_dx: bool
                             ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    x2 = x.reshape(-1, in_features)
+    op_input = x
+    x_shape, dtype = (*op_input.shape[:-1], in_features), op_input.dtype
     dy2 = dy.reshape(-1, sum(out_features))
     a_cat = _cat(lora_A)
     # Per projection, dxa_g and dB_g from one read of its columns of dy (a group's B taken block by
     # block, not as one block-diagonal matrix: that would do every projection's products at the
     # group's whole rank); then dA for all of them from one read of x.
-    extend = need_dx and _extend_backward(quant_type, x.dtype, out_features, in_features, lora_A)
+    extend = need_dx and _extend_backward(quant_type, dtype, out_features, in_features, lora_A)
     if extend:
         pad = _extension(a_cat.shape[0])
         dy_ext = dy2.new_empty(dy2.shape[0], out_features[0] + pad)
@@ -195,7 +220,10 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Ten
         d_b.append(db_g)
         row, col = row + n, col + r
     dxa = _cat_columns(dxa_parts)
+    x = _activated(op_input, activation, after=dxa)  # formed again, not saved: see _activated
+    x2 = x.reshape(-1, in_features)
     da_cat = rank_r_weight_grad(x2, dxa, 1.0, transpose=True)
+    del x, x2  # x's last use: an activation formed again here is freed before dx is allocated
     # Copies (not views) when grouped: a custom op's outputs must not alias each other.
     d_a, col = [], 0
     for a in lora_A:
@@ -205,22 +233,24 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, xa: Tensor, weights: list[Ten
         # dx = [dy | dxa parts] @ [W ; A parts]: one GEMM, one rounding, no [M, K] adapter term.
         n = out_features[0]
         w_ext = _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features,
-                               blocksize, blocksize2, x.dtype, extra_rows=pad)
+                               blocksize, blocksize2, dtype, extra_rows=pad)
         split_columns_(dy_ext, dxa, n, pad, 1.0, left=True)
         split_columns_(w_ext, a_cat.t(), n, pad, 1.0, left=False, transposed=True)
-        dx = torch.mm(dy_ext, w_ext).view(x.shape)
+        dx = torch.mm(dy_ext, w_ext).view(x_shape)
     elif need_dx:
         w = _frozen_weight(weights, absmax, absmax2, code2, offset, quant_type, out_features, in_features,
-                           blocksize, blocksize2, x.dtype)
-        dx = lora_outer(dxa, a_cat, 1.0, x.dtype)
+                           blocksize, blocksize2, dtype)
+        dx = lora_outer(dxa, a_cat, 1.0, dtype)
         torch.ops.fxfuse.frozen_addmm_(dx, dy2, w)
-        dx = dx.view(x.shape)
+        dx = dx.view(x_shape)
     else:
-        dx = x.new_empty(0)
+        return op_input.new_empty(0), d_a, d_b
+    if activation == "swiglu_halves":
+        dx = torch.ops.fxfuse.swiglu_halves_backward(dx, op_input)
     return dx, d_a, d_b
 
 
-_N_ARGS = 15
+_N_ARGS = 16
 
 
 def _setup_context(ctx, inputs, output):
@@ -230,7 +260,8 @@ def _setup_context(ctx, inputs, output):
     state = [t for group in (weights, absmax, absmax2, code2, offset) for t in group]
     ctx.present = [t is not None for t in state]
     ctx.save_for_backward(x, output[1], *[t for t in state if t is not None], *lora_A, *lora_B)
-    ctx.consts = tuple(consts)  # scaling, quant_type, out_features, in_features, blocksize, blocksize2
+    # scaling, quant_type, out_features, in_features, blocksize, blocksize2, activation
+    ctx.consts = tuple(consts)
 
 
 def _backward(ctx, dy, _dxa):
@@ -256,23 +287,27 @@ lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear_group(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling, quant_type,
-                      out_features, in_features, blocksize, blocksize2):
+                      out_features, in_features, blocksize, blocksize2, activation="none"):
     """Several LoRA projections of the same x in one call: returns y with the groups' outputs
     side by side on the last dimension (the caller slices them). quant_type "nf4"/"fp4" (weights
     packed, absmax... per group) or "none" (weights plain bf16/fp16, the quantization lists None).
+    activation "swiglu_halves": `x` is [gate | up] and the projections read silu(gate) * up (ACTIVATIONS).
     bf16 adapters (TRL's bf16=True) enter as their exact fp32 values: the products are computed as
     for fp32 ones, and autograd rounds dA and dB once back to bf16."""
     if lora_A[0].dtype == torch.bfloat16:
         lora_A = [a.float() for a in lora_A]
         lora_B = [b.float() for b in lora_B]
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"lora_linear_group: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return torch.ops.fxfuse.lora_linear(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling,
-                                        quant_type, out_features, in_features, blocksize, blocksize2)[0]
+                                        quant_type, out_features, in_features, blocksize, blocksize2, activation)[0]
 
 
 def nf4_lora_linear(x, packed, absmax, s2_absmax, s2_code, offset, lora_A, lora_B, scaling, quant_type,
-                    out_features, in_features, blocksize, blocksize2, bias=None):
+                    out_features, in_features, blocksize, blocksize2, bias=None, activation="none"):
     """PEFT LoRA (one active adapter, dropout 0) of one projection: `lora.Linear4bit.forward` on a 4-bit
     (quant_type "nf4" or "fp4") base, or `lora.Linear.forward` on a plain one (quant_type "none":
-    `packed` is the bf16/fp16 weight, the quantization arguments None/0)."""
+    `packed` is the bf16/fp16 weight, the quantization arguments None/0). With activation="swiglu_halves"
+    it is the projection of silu(gate) * up, `x` being [gate | up] (ACTIVATIONS)."""
     return lora_linear_group(x, [packed], [absmax], [s2_absmax], [s2_code], [offset], [lora_A], [lora_B], bias,
-                             scaling, quant_type, [out_features], in_features, blocksize, blocksize2)
+                             scaling, quant_type, [out_features], in_features, blocksize, blocksize2, activation)

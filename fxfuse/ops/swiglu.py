@@ -93,6 +93,20 @@ def _(dh, y):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
+@torch.library.custom_op("fxfuse::swiglu_halves_again", mutates_args=())
+def swiglu_halves_again_op(y: Tensor, after: Tensor) -> Tensor:
+    """`swiglu_halves(y)` formed again inside a backward (the LoRA op's `activation`, fxfuse/ops/nf4_lora.py),
+    where the forward's h was not saved. `after` is a tensor of that backward, never read: the dependence
+    keeps it there. Without it AOTAutograd's partitioner sees a function of forward values only, merges it
+    with the forward's call (CSE) or computes it in the forward, and saves h after all (tests/test_traced_ops.py)."""
+    return kernels.swiglu_forward(*_halves(_rows(y)))
+
+
+@swiglu_halves_again_op.register_fake
+def _(y, after):
+    return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+
+
 def _setup_context_halves(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
