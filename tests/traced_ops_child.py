@@ -78,14 +78,21 @@ _METADATA = (torch.ops.aten.sym_stride.int, torch.ops.aten.sym_size.int, torch.o
              torch.ops.aten.sym_storage_offset.default)
 
 
-def trace(fn, inputs) -> dict:
+def _forward_backward_graphs(fn, inputs, partition_fn=None) -> list:
+    """The forward and backward graphs AOTAutograd makes of `fn` (dynamic shapes), after one backward."""
     graphs = []
 
     def compiler(gm, _):
         graphs.append(gm)
         return make_boxed_func(gm.forward)
-    out = aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, dynamic=True)(*inputs)
+    extra = {} if partition_fn is None else {"partition_fn": partition_fn}
+    out = aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, dynamic=True, **extra)(*inputs)
     out.sum().backward()
+    return graphs
+
+
+def trace(fn, inputs) -> dict:
+    graphs = _forward_backward_graphs(fn, inputs)
     launches, opaque, in_place = [], [], []
     for gm in graphs:
         placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
@@ -126,14 +133,7 @@ def saved_for_backward(fn, inputs) -> list[dict]:
     rematerialization): each tensor beyond the op's output, whether it is a graph input, its dtype, and
     whether its leading dimension is the (symbolic) token count."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition
-    graphs = []
-
-    def compiler(gm, _):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-    out = aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, dynamic=True,
-                       partition_fn=min_cut_rematerialization_partition)(*inputs)
-    out.sum().backward()
+    graphs = _forward_backward_graphs(fn, inputs, min_cut_rematerialization_partition)
     (outputs,) = [n.args[0] for n in graphs[0].graph.nodes if n.op == "output"]
     views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
     saved = []

@@ -45,7 +45,6 @@ from torch import Tensor
 from ..kernels.lora_matmul import (MAX_RANK, lora_dy_can_copy, lora_dy_grads, lora_outer, rank_r_project,
                                    rank_r_weight_grad, split_columns_)
 from ..kernels.nf4 import dequantize_4bit_stacked
-from . import swiglu as _swiglu_ops  # noqa: F401  (registers fxfuse::swiglu_halves, which `activation` calls)
 from .library import triton_op_or_custom_op
 
 __all__ = ["nf4_lora_linear", "lora_linear_group", "MAX_GROUP_RANK", "ACTIVATIONS"]
@@ -297,8 +296,6 @@ def lora_linear_group(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B
     if lora_A[0].dtype == torch.bfloat16:
         lora_A = [a.float() for a in lora_A]
         lora_B = [b.float() for b in lora_B]
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"lora_linear_group: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return torch.ops.fxfuse.lora_linear(x, weights, absmax, absmax2, code2, offset, lora_A, lora_B, bias, scaling,
                                         quant_type, out_features, in_features, blocksize, blocksize2, activation)[0]
 
